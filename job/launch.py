@@ -1,0 +1,210 @@
+"""Start the job image on RunPod or Lambda Cloud through their public REST APIs.
+
+RunPod: `POST https://rest.runpod.io/v1/pods` (REST API v1, "Create a new Pod"; Bearer key).
+Lambda Cloud: `POST https://cloud.lambda.ai/api/v1/instance-operations/launch` (Bearer key), with a
+cloud-init user_data that runs the container and powers the machine off when the job ends.
+
+The API key is an argument (the CLI reads it from the environment) and never appears in a request
+URL, a message, or an exception: error text from the server is scrubbed of it before it is shown.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import urllib.error
+import urllib.request
+from typing import Any
+
+RUNPOD_API = "https://rest.runpod.io/v1"
+LAMBDA_API = "https://cloud.lambda.ai/api/v1"
+TIMEOUT_S = 30
+
+# Where the container writes; the image's root filesystem stays read-only, as on Kubernetes.
+CACHE_DIR = "/cache"
+SCRATCH_DIR = "/scratch"
+
+
+class LaunchError(RuntimeError):
+    """The provider refused or failed the launch; the message is safe to print."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def job_env(spec_uri: str, *, overrides: dict[str, str] | None = None,
+            extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The runner's environment: the spec URI, JOB__SECTION__FIELD overrides, the caches, extras."""
+    if not spec_uri.startswith(("s3://", "https://", "http://")):
+        raise LaunchError(f"the spec must be an s3:// or https:// URI the machine can read, got {spec_uri!r}")
+    env = {"JOB_SPEC_URI": spec_uri, "HF_HOME": f"{CACHE_DIR}/hf", "JOB_WORK_DIR": SCRATCH_DIR}
+    for key, value in (overrides or {}).items():
+        env["JOB__" + "__".join(part.upper() for part in key.split("."))] = str(value)
+    env.update(extra or {})
+    return env
+
+
+# --- RunPod ---------------------------------------------------------------------------------
+
+
+def runpod_request(*, name: str, image: str, gpu_type_ids: list[str], env: dict[str, str],
+                   gpu_count: int = 1, container_disk_gb: int = 100, cloud_type: str = "SECURE",
+                   interruptible: bool = False) -> dict[str, Any]:
+    """Body of RunPod's Create Pod call. The image's own entrypoint (`job`) runs `run`."""
+    if cloud_type not in ("SECURE", "COMMUNITY"):
+        raise LaunchError("cloud type must be SECURE or COMMUNITY")
+    if gpu_count < 1:
+        raise LaunchError("gpu count must be at least 1")
+    return {
+        "name": name,
+        "imageName": image,
+        "computeType": "GPU",
+        "cloudType": cloud_type,
+        "gpuTypeIds": list(gpu_type_ids),
+        "gpuCount": gpu_count,
+        "interruptible": interruptible,
+        "containerDiskInGb": container_disk_gb,
+        "volumeInGb": 0,
+        "dockerStartCmd": ["run"],
+        "env": dict(env),
+        "ports": [],
+        "supportPublicIp": False,
+    }
+
+
+def launch_runpod(api_key: str, body: dict[str, Any], *, api_url: str = RUNPOD_API) -> str:
+    """Create the pod; returns its id."""
+    reply = _post(f"{api_url.rstrip('/')}/pods", body, api_key)
+    pod_id = reply.get("id") if isinstance(reply, dict) else None
+    if not pod_id:
+        raise LaunchError("RunPod answered without a pod id")
+    return str(pod_id)
+
+
+# --- Lambda Cloud ---------------------------------------------------------------------------
+
+
+def lambda_user_data(image: str, env: dict[str, str], *, shutdown: bool = True,
+                     shm_size: str = "16g") -> str:
+    """cloud-config that runs the image once on the GPUs and then powers the instance off.
+
+    The environment goes into a root-only file for `docker run --env-file`, not onto a command
+    line, so it shows neither in `ps` nor in cloud-init's logs of the commands it ran.
+    """
+    for key, value in env.items():
+        if "\n" in value or "\n" in key or "=" in key:
+            raise LaunchError(f"environment variable {key!r} cannot go into an env file")
+    env_file = "".join(f"{k}={v}\n" for k, v in env.items())
+    docker = " ".join([
+        "docker run --rm --name job --gpus all",
+        f"--shm-size {shlex.quote(shm_size)}",
+        "--read-only --tmpfs /tmp",
+        f"-v /var/lib/job/cache:{CACHE_DIR} -v /var/lib/job/scratch:{SCRATCH_DIR}",
+        "--env-file /etc/job/env",
+        shlex.quote(image), "run",
+    ])
+    script = "\n".join([
+        "#!/bin/bash",
+        "set -u",
+        "mkdir -p /var/lib/job/cache /var/lib/job/scratch",
+        "chmod 0777 /var/lib/job/cache /var/lib/job/scratch",
+        f"{docker} > /var/log/job.log 2>&1",
+        "echo \"exit=$?\" >> /var/log/job.log",
+        "shutdown -h now" if shutdown else "true",
+        "",
+    ])
+    config = {
+        "write_files": [
+            {"path": "/etc/job/env", "permissions": "0600", "owner": "root:root", "content": env_file},
+            {"path": "/usr/local/bin/job-once", "permissions": "0755", "content": script},
+        ],
+        # A script of its own, so a failing docker pull still reaches the shutdown.
+        "runcmd": [["/usr/local/bin/job-once"]],
+    }
+    return "#cloud-config\n" + json.dumps(config, indent=2) + "\n"
+
+
+def lambda_request(*, name: str, region: str, instance_type: str, ssh_key: str, user_data: str,
+                   file_systems: list[str] = ()) -> dict[str, Any]:
+    """Body of Lambda Cloud's launch call (one instance)."""
+    if len(name) > 64:
+        raise LaunchError("a Lambda instance name has at most 64 characters")
+    body: dict[str, Any] = {
+        "region_name": region,
+        "instance_type_name": instance_type,
+        "ssh_key_names": [ssh_key],
+        "quantity": 1,
+        "name": name,
+        "user_data": user_data,
+    }
+    if file_systems:
+        body["file_system_names"] = list(file_systems)
+    return body
+
+
+def launch_lambda(api_key: str, body: dict[str, Any], *, api_url: str = LAMBDA_API) -> str:
+    """Launch the instance; returns its id."""
+    reply = _post(f"{api_url.rstrip('/')}/instance-operations/launch", body, api_key)
+    ids = (reply.get("data") or {}).get("instance_ids") if isinstance(reply, dict) else None
+    if not ids:
+        raise LaunchError("Lambda Cloud answered without an instance id")
+    return str(ids[0])
+
+
+# --- HTTP -----------------------------------------------------------------------------------
+
+
+def _post(url: str, body: dict[str, Any], api_key: str) -> Any:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": "job-launch",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            return json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        raise _api_error(e.code, e.read(), api_key) from None
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise LaunchError(_scrub(f"cannot reach {url}: {reason}", api_key)) from None
+    except json.JSONDecodeError:
+        raise LaunchError(f"{url} answered with something that is not JSON") from None
+
+
+def _api_error(status: int, raw: bytes, api_key: str) -> LaunchError:
+    """Lambda: {"error": {"code", "message", "suggestion"}}; RunPod: {"error": "..."} or text."""
+    code = None
+    text = raw.decode("utf-8", "replace").strip()
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError:
+        payload = None
+    if isinstance(payload, dict):
+        error = payload.get("error", payload)
+        if isinstance(error, dict):
+            code = error.get("code")
+            parts = [error.get("message") or ""]
+            if error.get("suggestion"):
+                parts.append(f"({error['suggestion']})")
+            text = " ".join(p for p in parts if p) or json.dumps(error)
+        elif isinstance(error, str):
+            text = error
+    hint = {401: "check the API key", 403: "the API key lacks permission for this",
+            429: "rate limited; try again in a minute"}.get(status)
+    message = f"HTTP {status}" + (f" {code}" if code else "") + f": {text[:500] or 'no details'}"
+    if hint:
+        message += f" [{hint}]"
+    return LaunchError(_scrub(message, api_key), status=status, code=code)
+
+
+def _scrub(text: str, secret: str) -> str:
+    return text.replace(secret, "***") if secret else text
