@@ -199,7 +199,7 @@ def render(spec_ref: str, *, spec_text: str | None = None, overlay: str | None =
            sweeps: list[str] = (), sets: list[str] = (), image: str | None = None,
            namespace: str | None = None, run_id: str | None = None,
            env: dict[str, str] | None = None, root: Path | None = None) -> list[dict]:
-    """Manifests for every experiment: a ConfigMap holding a local spec, then its Job.
+    """The ingress-denying NetworkPolicy, then per experiment a ConfigMap holding a local spec and its Job.
 
     spec_ref is a local path (its text is passed as spec_text) or an s3:// or https:// URI, which
     the Job reads itself through JOB_SPEC_URI.
@@ -223,7 +223,9 @@ def render(spec_ref: str, *, spec_text: str | None = None, overlay: str | None =
     template = base_job(overlay, root)
     namespace = namespace or kustomization(root).get("namespace", "default")
     image = image or default_image(root)
-    docs: list[dict] = []
+    policy = _read_yaml((root or manifest_dir()) / "base" / "networkpolicy.yaml")
+    policy["metadata"]["namespace"] = namespace
+    docs: list[dict] = [policy]  # shared by every run; applying it again changes nothing
     for point in points:
         if remote:
             spec_env = {"name": "JOB_SPEC_URI", "value": spec_ref}

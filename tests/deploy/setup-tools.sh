@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Tools for tests/deploy that are not Python test dependencies: checkov in a venv of its own
+# (it ships its own top-level `hcl2` module, which would overwrite python-hcl2's).
+# kubectl (with kustomize built in) and terraform are expected on PATH; the AWS provider is read from
+# TF_PLUGIN_DIR when the registry is unreachable.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+CHECKOV_VERSION=3.3.30
+if [[ ! -x .venv-checkov/bin/checkov ]] || ! .venv-checkov/bin/checkov --version | grep -qx "$CHECKOV_VERSION"; then
+  python3 -m venv .venv-checkov
+  .venv-checkov/bin/pip install --quiet "checkov==$CHECKOV_VERSION"
+fi
+.venv-checkov/bin/checkov --version
+command -v kubectl >/dev/null || { echo "kubectl missing (needs 1.27+ for podFailurePolicy fields in kustomize)"; exit 1; }
+command -v terraform >/dev/null || { echo "terraform missing (1.5+)"; exit 1; }
+kubectl version --client
+terraform version
