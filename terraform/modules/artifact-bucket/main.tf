@@ -1,10 +1,31 @@
 # The S3 bucket that holds run specs (specs/), datasets (data/) and published artifacts (runs/).
+data "aws_caller_identity" "current" {}
+data "aws_partition" "current" {}
+
+# The account administers the key through IAM; roles then need kms: permissions of their own
+# (modules/job-identity grants Decrypt and GenerateDataKey on it).
+data "aws_iam_policy_document" "key" {
+  # checkov:skip=CKV_AWS_111: A key policy's Resource "*" means this key only; this is AWS's default key policy.
+  # checkov:skip=CKV_AWS_356: A key policy's Resource "*" means this key only; this is AWS's default key policy.
+  # checkov:skip=CKV_AWS_109: A key policy's Resource "*" means this key only; this is AWS's default key policy.
+  statement {
+    sid       = "AccountAdministersThroughIAM"
+    actions   = ["kms:*"]
+    resources = ["*"]
+    principals {
+      type        = "AWS"
+      identifiers = ["arn:${data.aws_partition.current.partition}:iam::${data.aws_caller_identity.current.account_id}:root"]
+    }
+  }
+}
+
 resource "aws_kms_key" "artifacts" {
   count = var.kms_key_arn == null ? 1 : 0
 
   description             = "Encrypts the job artifact bucket ${var.name}."
   enable_key_rotation     = true
   deletion_window_in_days = 30
+  policy                  = data.aws_iam_policy_document.key.json
   tags                    = var.tags
 }
 
@@ -12,9 +33,9 @@ locals {
   kms_key_arn = var.kms_key_arn != null ? var.kms_key_arn : aws_kms_key.artifacts[0].arn
 }
 
-# checkov:skip=CKV_AWS_144: Cross-region replication is a disaster-recovery choice per deployment; artifacts can be re-made from their specs.
-# checkov:skip=CKV2_AWS_62: Nothing consumes bucket events; runs report through their logs and manifest.
 resource "aws_s3_bucket" "artifacts" {
+  # checkov:skip=CKV_AWS_144: Cross-region replication is a disaster-recovery choice per deployment; artifacts can be re-made from their specs.
+  # checkov:skip=CKV2_AWS_62: Nothing consumes bucket events; runs report through their logs and manifest.
   bucket        = var.name
   force_destroy = false
   tags          = var.tags
