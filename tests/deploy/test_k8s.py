@@ -163,3 +163,11 @@ def test_render_builds_the_job_kustomize_builds(overlay):
     built = next(d for d in kustomize(K8S / (f"overlays/{overlay}" if overlay else "base")) if d["kind"] == "Job")
     rendered = jobs(k8s.render(str(SPEC), spec_text=SPEC.read_text(), overlay=overlay))[0]
     assert _normalized(rendered) == _normalized(built)
+
+
+def test_env_option_replaces_the_overlay_placeholder_role():
+    job = jobs(render_cli("s3://b/specs/s.yaml", "--overlay", "gke", "--env", "AWS_ROLE_ARN=arn:aws:iam::123456789012:role/x"))[0]
+    names = [e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]]
+    assert names.count("AWS_ROLE_ARN") == 1
+    assert env_of(job)["AWS_ROLE_ARN"] == "arn:aws:iam::123456789012:role/x"
+    validate_k8s(job)
