@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Build the pinned llama.cpp tools once into DEST: the converter (convert_hf_to_gguf.py + gguf-py),
+# llama-quantize and llama-completion. The source is the llama.cpp vendored by the llama-cpp-python
+# sdist on PyPI, so a machine that reaches only a package registry gets the same pinned tree.
+# Usage: build-llama-cpp.sh DEST [extra cmake args...]   (the image passes -DGGML_NATIVE=OFF)
+set -euo pipefail
+version=0.3.36   # vendors llama.cpp at commit 0c1e57098bba43ac29e6e3b677cdceebdd22334f
+commit=0c1e57098bba43ac29e6e3b677cdceebdd22334f
+dest=${1:?usage: build-llama-cpp.sh DEST [cmake args...]}; shift
+if [ -x "$dest/bin/llama-quantize" ] && [ -x "$dest/bin/llama-completion" ] && [ -f "$dest/COMMIT" ]; then
+  echo "llama.cpp tools already built in $dest"; exit 0
+fi
+for tool in cmake c++ make; do
+  command -v "$tool" >/dev/null || { echo "error: '$tool' is required to build llama.cpp (apt-get install cmake g++ make)" >&2; exit 1; }
+done
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$work" 2>&1 | grep -v 'is ignored' || true
+tar xzf "$work"/llama_cpp_python-$version.tar.gz -C "$work"
+src="$work/llama_cpp_python-$version/vendor/llama.cpp"
+cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF "$@" >/dev/null
+# compiler warnings are many and harmless: keep them in a log and show its tail only on failure
+cmake --build "$work/build" --target llama-quantize llama-completion -j "$(nproc)" >"$work/build.log" 2>&1 \
+  || { tail -50 "$work/build.log" >&2; exit 1; }
+rm -rf "$dest.partial"; mkdir -p "$dest.partial/bin"
+cp "$work/build/bin/llama-quantize" "$work/build/bin/llama-completion" "$dest.partial/bin/"
+cp "$src/convert_hf_to_gguf.py" "$dest.partial/"
+cp -r "$src/conversion" "$dest.partial/conversion"
+cp -r "$src/gguf-py" "$dest.partial/gguf-py"
+cp "$src/LICENSE" "$dest.partial/LICENSE"
+echo "$commit" > "$dest.partial/COMMIT"
+rm -rf "$dest"; mv "$dest.partial" "$dest"
+echo "llama.cpp $commit built into $dest"

@@ -1,0 +1,89 @@
+"""The model card (README.md) and the Ollama Modelfile published next to the artifacts."""
+
+from __future__ import annotations
+
+from job.chat_templates import STOPS
+
+# Ollama's Go templates for the template families we know, written with only .System/.Prompt/.Response so a
+# test can render them and compare with the Jinja template the model was trained with.
+OLLAMA_TEMPLATES = {
+    "chatml": (
+        "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+        "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}"
+        "<|im_start|>assistant\n{{ .Response }}<|im_end|>\n"
+    ),
+    "llama-3": (
+        "{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+        "{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>{{ end }}"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>"
+    ),
+    "alpaca": (
+        "{{ if .System }}{{ .System }}\n\n{{ end }}"
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\n{{ .Prompt }}\n\n"
+        "### Input:\n\n\n### Response:\n{{ .Response }}"
+    ),
+}
+
+
+def template_family(chat_template: str | None, named: str) -> str | None:
+    """Which known family a tokenizer's Jinja template belongs to (None: unknown, Ollama reads the GGUF's own)."""
+    if named in OLLAMA_TEMPLATES:
+        return named
+    text = chat_template or ""
+    if "<|im_start|>" in text:
+        return "chatml"
+    if "<|start_header_id|>" in text:
+        return "llama-3"
+    return None
+
+
+def modelfile(gguf_name: str, family: str | None) -> str:
+    lines = [f"FROM ./{gguf_name}", ""]
+    if family:
+        lines.append('TEMPLATE """' + OLLAMA_TEMPLATES[family] + '"""')
+        lines.extend(f'PARAMETER stop "{stop}"' for stop in STOPS[family])
+    else:
+        lines.append("# The chat template embedded in the GGUF (tokenizer.chat_template) is used as is.")
+    lines.extend(["PARAMETER temperature 0.7", ""])
+    return "\n".join(lines)
+
+
+def model_card(manifest_body: dict, files: list[str]) -> str:
+    spec = manifest_body["spec"]
+    train = manifest_body.get("training", {})
+    data = manifest_body.get("data", {})
+    ggufs = sorted(f for f in files if f.endswith(".gguf"))
+    rows = "\n".join(f"| {k} | {v} |" for k, v in [
+        ("base model", spec["model"]["name"]),
+        ("weights used", manifest_body.get("model", {}).get("description", "")),
+        ("data", f"{data.get('source')} ({data.get('format')}, {data.get('rows_used')} rows, template {data.get('chat_template')})"),
+        ("LoRA", f"r={spec['lora']['r']} alpha={spec['lora']['alpha']} dropout={spec['lora']['dropout']} rslora={spec['lora']['use_rslora']}"),
+        ("training", f"lr={spec['training']['learning_rate']} batch={spec['training']['batch_size']}x{spec['training']['gradient_accumulation_steps']} steps={train.get('steps')} seed={spec['training']['seed']}"),
+        ("loss", f"{train.get('first_loss')} → {train.get('final_loss')}"),
+        ("backend", f"{train.get('backend')} ({train.get('precision')})"),
+    ])
+    probes = "\n".join(
+        f"- **{p['prompt']}** → {p.get('merged') or p.get('adapter')}" for p in manifest_body.get("probes", [])
+    )
+    gguf_lines = "\n".join(f"llama-cli -m {g} -cnv" for g in ggufs) or "(no GGUF exported)"
+    return f"""# {manifest_body['run_id']}
+
+Fine-tuned with `job` (QLoRA/LoRA). Complete only when `manifest.json` sits next to this file.
+
+| what | value |
+|---|---|
+{rows}
+
+## Probe answers (greedy, verified before publishing)
+{probes}
+
+## How to run each artifact
+- LoRA adapter (`adapter/`): `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{spec['model']['name']}"), "adapter")`
+- Merged 16-bit weights (`merged/`): `AutoModelForCausalLM.from_pretrained("merged")`
+- GGUF (`gguf/`), llama.cpp:
+```
+{gguf_lines}
+```
+- Ollama: `cd gguf && ollama create {manifest_body['run_id']} -f Modelfile && ollama run {manifest_body['run_id']}`
+"""

@@ -1,0 +1,153 @@
+"""The `job` command line. The only module that reads the process environment and calls sys.exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from job import errors, log, spec as specs
+from job.storage import S3Settings, read_uri
+
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+              "MODELSCOPE_API_TOKEN", "RUNPOD_API_KEY", "LAMBDA_API_KEY", "WANDB_API_KEY")
+
+
+def resolve_spec(spec_arg: str | None, sets: tuple[str, ...], environ: dict[str, str]) -> specs.Spec:
+    if spec_arg:
+        origin = spec_arg
+        text = read_uri(spec_arg, S3Settings()).decode("utf-8")
+    elif environ.get("JOB_SPEC"):
+        origin, text = "env JOB_SPEC", environ["JOB_SPEC"]
+    elif environ.get("JOB_SPEC_URI"):
+        origin = environ["JOB_SPEC_URI"]
+        text = read_uri(origin, S3Settings()).decode("utf-8")
+    else:
+        raise errors.SpecError("no run spec given", hint="pass --spec PATH|s3://…|https://…, or set JOB_SPEC or JOB_SPEC_URI")
+    base = specs.parse_text(text, origin)
+    overrides = specs.env_overrides(environ) + [specs.parse_set(item) for item in sets]
+    return specs.resolve(base, origin, overrides)
+
+
+def paths_from_env(environ: dict[str, str]):
+    from job.pipeline import Paths
+
+    cache = Path(environ.get("JOB_CACHE_DIR") or Path(environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "job")
+    return Paths(
+        work_dir=Path(environ.get("JOB_WORK_DIR") or ".job-work"),
+        cache_dir=cache,
+        llama_cpp_dir=Path(environ.get("JOB_LLAMA_CPP_DIR") or cache / "llama.cpp-0.3.36"),
+    )
+
+
+def fail(exc: errors.JobError) -> None:
+    log.get().error("run.failed", error=exc.kind, message=str(exc), exit_code=exc.exit_code)
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+spec_option = click.option("--spec", "spec_arg", metavar="PATH|s3://…|https://…", help="The run spec (else env JOB_SPEC or JOB_SPEC_URI).")
+set_option = click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE", help="Override a spec field; repeatable.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="job")
+def main() -> None:
+    """Fine-tune an LLM with (Q)LoRA from one run spec and publish verified artifacts.
+
+    Exit codes: 0 published, 2 invalid spec/data/usage, 3 model/data/bucket missing or denied,
+    4 artifact failed verification, 75 transient infrastructure error (retry), 1 bug.
+    """
+
+
+@main.command()
+@spec_option
+@set_option
+def run(spec_arg: str | None, sets: tuple[str, ...]) -> None:
+    """Train, export, verify and publish one run."""
+    environ = dict(os.environ)
+    log.setup(secrets=[environ.get(k, "") for k in SECRET_ENV])
+    events = log.get()
+    try:
+        spec = resolve_spec(spec_arg, sets, environ)
+        log.setup(secrets=[environ.get(k, "") for k in SECRET_ENV] + [spec.model.token.get_secret_value() if spec.model.token else ""])
+        import structlog
+
+        structlog.contextvars.bind_contextvars(run_id=spec.run_id)
+        events.info("run.started", run_id=spec.run_id, output=spec.run.output, model=spec.model.name, data=spec.data.source)
+        from job import pipeline
+
+        result = pipeline.run(spec, paths_from_env(environ))
+    except errors.JobError as exc:
+        fail(exc)
+        return
+    except KeyboardInterrupt:
+        fail(errors.TransientError("interrupted"))
+        return
+    except Exception:
+        events.exception("run.crashed", exit_code=errors.EXIT_BUG)
+        sys.exit(errors.EXIT_BUG)
+    events.info("run.finished", run_id=result.run_id, destination=result.destination,
+                files=len(result.manifest["files"]), final_loss=result.manifest["training"]["final_loss"])
+    click.echo(summary(result), err=True)
+
+
+def summary(result) -> str:
+    m = result.manifest
+    train = m["training"]
+    lines = [
+        "",
+        f"run {result.run_id}: published to {result.destination}/ (manifest.json + {len(m['files'])} files)",
+        f"  loss {train['first_loss']:.3f} → {train['final_loss']:.3f} over {train['steps']} steps "
+        f"({train['backend']}, {train['precision']}, {train['seconds']} s)",
+        f"  artifacts: adapter/, merged/{', gguf/ ' + ' '.join(m['export']['gguf_types']) if m['export']['gguf_types'] else ''}",
+    ]
+    for probe in m["probes"]:
+        lines.append(f"  Q: {probe['prompt']}")
+        lines.append(f"     before: {probe.get('base', '')!s:.160}")
+        lines.append(f"     after:  {probe.get('merged') or probe.get('adapter')!s:.160}")
+        for key, value in probe.items():
+            if key.startswith("gguf_"):
+                lines.append(f"     {key}: {value!s:.160}")
+    return "\n".join(lines)
+
+
+@main.command()
+@spec_option
+@set_option
+def validate(spec_arg: str | None, sets: tuple[str, ...]) -> None:
+    """Print the resolved spec (secrets masked); exit 0 if valid, 2 if not."""
+    environ = dict(os.environ)
+    log.setup(secrets=[environ.get(k, "") for k in SECRET_ENV], stream=sys.stderr)
+    try:
+        spec = resolve_spec(spec_arg, sets, environ)
+    except errors.JobError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    click.echo(yaml.safe_dump(spec.masked(), sort_keys=False), nl=False)
+
+
+@main.command()
+def schema() -> None:
+    """Print the run spec's JSON Schema."""
+    click.echo(json.dumps(specs.json_schema(), indent=2))
+
+
+@main.command(name="exit-codes")
+def exit_codes() -> None:
+    """Print the table of exit codes."""
+    for code, meaning in errors.EXIT_CODES.items():
+        click.echo(f"{code:>3}  {meaning}")
+
+
+from job.cli_deploy import k8s, launch  # noqa: E402 - registered after the core commands
+
+main.add_command(k8s)
+main.add_command(launch)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""Load a dataset, normalize its rows to conversations, and tokenize them with loss masks.
+
+Pure functions (detect, normalize, tokenize) are separate from the readers (files, S3, hub), so every
+format is testable without a network.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from job import log
+from job.chat_templates import NAMED
+from job.errors import DataError, NotFoundError, TransientError
+from job.spec import DataSection
+from job.storage import S3Settings, open_location
+
+SUPPORTED = (".jsonl", ".json", ".parquet", ".csv")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+CHAT_ROLES = {"system", "user", "assistant"}
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    messages: list[dict[str, Any]] | None = None  # chat formats
+    text: str | None = None  # raw text
+    prompt: str | None = None  # prompt_completion
+    completion: str | None = None
+
+
+@dataclass
+class Normalized:
+    format: str
+    examples: list[tuple[int, Example]]  # (row number, example)
+    rows_read: int
+    dropped: Counter = field(default_factory=Counter)
+    dropped_rows: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    rows_truncated: int
+    dropped: Counter
+    tokens: int
+    trained_tokens: int
+
+
+# --- reading -------------------------------------------------------------------------------------------------
+
+
+def read_rows(data: DataSection, work_dir: Path, s3: S3Settings) -> tuple[list[Any], str]:
+    """Rows as parsed objects (malformed JSONL lines come back as `_Malformed`), and where they came from."""
+    source = data.source
+    if source.startswith("pkg://"):
+        from job.model import package_file
+
+        path = package_file(source, "data.source")
+        return _read_local(path), source
+    if source.startswith("s3://"):
+        return _read_s3(source, work_dir, s3), source
+    path = Path(source).expanduser()
+    if path.exists():
+        return _read_local(path), str(path)
+    if source.startswith((".", "/", "~")) or source.endswith(SUPPORTED) or source.count("/") > 1:
+        raise NotFoundError(f"data.source: no file or directory {source}")
+    return _read_hub(data), f"hub:{source}"
+
+
+class _Malformed:
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _read_file(path: Path) -> list[Any]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            rows: list[Any] = []
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    if not line.strip():
+                        rows.append(_Malformed("empty line"))
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        rows.append(_Malformed(f"invalid JSON ({exc.msg})"))
+            return rows
+        if suffix == ".json":
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(loaded, dict) and isinstance(loaded.get("data"), list):
+                loaded = loaded["data"]
+            if not isinstance(loaded, list):
+                raise DataError(f"data.source: {path} must hold a JSON list of rows (or {{\"data\": [...]}})")
+            return loaded
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+        if suffix == ".csv":
+            with open(path, encoding="utf-8", newline="") as fh:
+                return list(csv.DictReader(fh))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"data.source: {path} is not UTF-8 text (byte {exc.start})", hint="re-encode it as UTF-8") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"data.source: {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+    except DataError:
+        raise
+    except Exception as exc:  # pyarrow and csv raise many types for corrupt files
+        raise DataError(f"data.source: cannot read {path}: {exc}") from exc
+    raise DataError(f"data.source: {path} has an unsupported extension; use one of {', '.join(SUPPORTED)}")
+
+
+def _read_local(path: Path) -> list[Any]:
+    if path.is_file():
+        return _read_file(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
+    if not files:
+        raise DataError(f"data.source: directory {path} holds no {', '.join(SUPPORTED)} files")
+    rows: list[Any] = []
+    for file in files:
+        rows.extend(_read_file(file))
+    return rows
+
+
+def _read_s3(uri: str, work_dir: Path, s3: S3Settings) -> list[Any]:
+    if uri.lower().endswith(SUPPORTED):
+        bucket_uri, _, key = uri.rpartition("/")
+        store = open_location(bucket_uri, s3)
+        local = work_dir / "data" / key
+        store.download_file(key, local)
+        return _read_file(local)
+    store = open_location(uri, s3)
+    keys = [k for k in store.list() if k.lower().endswith(SUPPORTED)]
+    if not keys:
+        raise NotFoundError(f"data.source: no {', '.join(SUPPORTED)} objects under {uri}")
+    rows: list[Any] = []
+    for key in keys:
+        local = work_dir / "data" / key
+        store.download_file(key, local)
+        rows.extend(_read_file(local))
+    return rows
+
+
+def _read_hub(data: DataSection) -> list[Any]:
+    import datasets
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        loaded = datasets.load_dataset(data.source, split=data.split)
+    except (RepositoryNotFoundError, datasets.exceptions.DatasetNotFoundError) as exc:
+        raise NotFoundError(f"data.source: dataset {data.source!r} not found on the Hugging Face hub") from exc
+    except (LocalEntryNotFoundError, ConnectionError, OSError) as exc:
+        raise TransientError(f"data.source: could not reach the Hugging Face hub for {data.source!r}: {exc}") from exc
+    return loaded.to_list()
+
+
+# --- normalizing ---------------------------------------------------------------------------------------------
+
+
+def detect_format(rows: list[Any]) -> str:
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        keys = set(row)
+        if "messages" in keys:
+            return "messages"
+        if "conversations" in keys:
+            return "sharegpt"
+        if {"instruction", "output"} <= keys:
+            return "alpaca"
+        if {"prompt", "completion"} <= keys:
+            return "prompt_completion"
+        if "text" in keys:
+            return "text"
+        raise DataError(
+            f"data.format: cannot detect the format from columns {sorted(keys)}",
+            hint="expected messages, conversations, instruction/output, prompt/completion or text; or set data.format",
+        )
+    raise DataError("data.source: no rows to detect a format from (the dataset is empty or every row is malformed)")
+
+
+def _nonempty_str(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def normalize_row(row: Any, fmt: str, alpaca_template: bool) -> Example:
+    """One row → Example, or ValueError with the reason it is dropped."""
+    if isinstance(row, _Malformed):
+        raise ValueError(row.reason)
+    if not isinstance(row, dict):
+        raise ValueError("not an object")
+    if fmt in ("messages", "sharegpt"):
+        column = "messages" if fmt == "messages" else "conversations"
+        turns = row.get(column)
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"missing or empty '{column}'")
+        messages = []
+        for turn in turns:
+            if not isinstance(turn, dict):
+                raise ValueError(f"a turn in '{column}' is not an object")
+            if fmt == "sharegpt" and "from" in turn:
+                role, content = SHAREGPT_ROLES.get(str(turn.get("from")).lower()), turn.get("value")
+            else:
+                role, content = turn.get("role"), turn.get("content")
+                role = role if role in CHAT_ROLES else None
+            if role is None:
+                raise ValueError(f"unknown role {turn.get('from', turn.get('role'))!r}")
+            if not isinstance(content, str):
+                raise ValueError(f"a {role} turn has no text content")
+            messages.append({"role": role, "content": content})
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            raise ValueError("no assistant turn with text")
+        return Example(messages=messages)
+    if fmt == "alpaca":
+        instruction, output, extra = row.get("instruction"), row.get("output"), row.get("input") or ""
+        if not _nonempty_str(instruction):
+            raise ValueError("missing or empty 'instruction'")
+        if not _nonempty_str(output):
+            raise ValueError("missing or empty 'output'")
+        if not isinstance(extra, str):
+            raise ValueError("'input' is not text")
+        if alpaca_template:
+            user = {"role": "user", "content": instruction, "input": extra}
+        else:
+            user = {"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}
+        return Example(messages=[user, {"role": "assistant", "content": output}])
+    if fmt == "prompt_completion":
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if not isinstance(prompt, str):
+            raise ValueError("missing 'prompt'")
+        if not _nonempty_str(completion):
+            raise ValueError("missing or empty 'completion'")
+        return Example(prompt=prompt, completion=completion)
+    if fmt == "text":
+        text = row.get("text")
+        if not _nonempty_str(text):
+            raise ValueError("missing or empty 'text'")
+        return Example(text=text)
+    raise ValueError(f"unknown format {fmt}")
+
+
+def normalize(rows: list[Any], data: DataSection, template_name: str) -> Normalized:
+    fmt = data.format if data.format != "auto" else detect_format(rows)
+    if data.max_rows:
+        rows = rows[: data.max_rows]
+    result = Normalized(format=fmt, examples=[], rows_read=len(rows))
+    for number, row in enumerate(rows, start=1):
+        try:
+            result.examples.append((number, normalize_row(row, fmt, template_name == "alpaca")))
+        except ValueError as exc:
+            reason = str(exc)
+            result.dropped[reason] += 1
+            result.dropped_rows.setdefault(reason, []).append(number)
+    if not result.examples:
+        first = ", ".join(f"{reason} (rows {rows_[:5]})" for reason, rows_ in result.dropped_rows.items())
+        raise DataError(
+            f"data.source: no usable rows as format '{fmt}' out of {len(rows)} read" + (f": {first}" if first else ""),
+            hint="check data.format and the column names",
+        )
+    return result
+
+
+# --- templates and tokenizing --------------------------------------------------------------------------------
+
+
+def choose_template(tokenizer, wanted: str) -> str:
+    """Set the chat template on the tokenizer and return its name ('model' for the model's own)."""
+    own = getattr(tokenizer, "chat_template", None)
+    if wanted in ("auto", "model"):
+        if own:
+            return "model"
+        if wanted == "model":
+            raise DataError("data.chat_template: 'model' was asked for but the model has no chat template",
+                            hint="name one of chatml, llama-3, alpaca")
+        wanted = "chatml"
+    tokenizer.chat_template = NAMED[wanted]
+    return wanted
+
+
+def _render(tokenizer, messages, add_generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _segments_for_chat(tokenizer, messages, row: int) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of each assistant turn (with its end-of-turn marker)."""
+    full = _render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = _render(tokenizer, messages[: i + 1])
+        if not full.startswith(before) or not full.startswith(through) or len(through) <= len(before):
+            raise DataError(
+                f"row {row}: the chat template does not render turn {i + 1} as a stable prefix of the conversation",
+                hint="use a template that renders earlier turns unchanged, or data.chat_template: chatml",
+            )
+        if message["content"].strip() and message["content"].strip() not in through[len(before):]:
+            raise DataError(
+                f"row {row}: the chat template drops the assistant turn's text",
+                hint="the template must render assistant messages; set data.chat_template to a named template",
+            )
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    bos = tokenizer.bos_token_id
+    if bos is not None and getattr(tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):
+        ids, offsets = [bos, *ids], [(0, 0), *offsets]
+    return ids, offsets
+
+
+def tokenize_example(tokenizer, example: Example, row: int, responses_only: bool) -> tuple[list[int], list[int]]:
+    if example.messages is not None:
+        text, spans = _segments_for_chat(tokenizer, example.messages, row)
+    elif example.text is not None:
+        text, spans = example.text, [(0, len(example.text))]
+        responses_only = False
+    else:
+        text = example.prompt + example.completion
+        spans = [(len(example.prompt), len(text))]
+    ids, offsets = _encode(tokenizer, text)
+    if responses_only:
+        trained = [any(a <= start < b for a, b in spans) and end > start for start, end in offsets]
+    else:
+        trained = [True] * len(ids)
+    eos = tokenizer.eos_token_id
+    last_span = [i for i, flag in enumerate(trained) if flag]
+    # A model that never sees EOS after an answer never learns to stop: append it unless the turn already ends with it.
+    if eos is not None and not (last_span and eos in ids[last_span[-1] - 2 : last_span[-1] + 1]):
+        ids.append(eos)
+        trained.append(True)
+    labels = [tok if flag else IGNORE for tok, flag in zip(ids, trained)]
+    return ids, labels
+
+
+def tokenize(tokenizer, normalized: Normalized, max_seq_length: int, responses_only: bool) -> Tokenized:
+    out = Tokenized([], [], 0, Counter(), 0, 0)
+    for row, example in normalized.examples:
+        ids, labels = tokenize_example(tokenizer, example, row, responses_only)
+        if len(ids) > max_seq_length:
+            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+            out.rows_truncated += 1
+        if all(label == IGNORE for label in labels):
+            out.dropped["no trained token (after truncation)"] += 1
+            continue
+        out.input_ids.append(ids)
+        out.labels.append(labels)
+        out.tokens += len(ids)
+        out.trained_tokens += sum(label != IGNORE for label in labels)
+    if not out.input_ids:
+        raise DataError("data: every row lost all its trained tokens", hint="raise training.max_seq_length")
+    return out
+
+
+def prepare(data: DataSection, tokenizer, max_seq_length: int, work_dir: Path, s3: S3Settings):
+    """Read, normalize and tokenize. Returns (datasets.Dataset, stats dict, template name)."""
+    import datasets
+
+    events = log.get()
+    events.info("data.load.started", source=data.source)
+    rows, origin = read_rows(data, work_dir, s3)
+    template = choose_template(tokenizer, data.chat_template)
+    normalized = normalize(rows, data, template)
+    if data.format == "auto":
+        events.info("data.format.detected", format=normalized.format)
+    tokenized = tokenize(tokenizer, normalized, max_seq_length, data.train_on_responses_only)
+    dropped = normalized.dropped + tokenized.dropped
+    stats = {
+        "source": origin,
+        "format": normalized.format,
+        "chat_template": template,
+        "rows_read": normalized.rows_read,
+        "rows_used": len(tokenized.input_ids),
+        "rows_dropped": sum(dropped.values()),
+        "dropped_reasons": dict(dropped),
+        "rows_truncated": tokenized.rows_truncated,
+        "tokens": tokenized.tokens,
+        "trained_tokens": tokenized.trained_tokens,
+    }
+    for reason, numbers in normalized.dropped_rows.items():
+        events.warning("data.rows.dropped", reason=reason, count=len(numbers), first_rows=numbers[:10])
+    events.info("data.load.finished", **stats)
+    dataset = datasets.Dataset.from_dict({"input_ids": tokenized.input_ids, "labels": tokenized.labels})
+    return dataset, stats, template

@@ -1,0 +1,92 @@
+"""Every failure a user can act on, with the exit code that is part of the CLI's interface.
+
+| code | meaning                                                        | Kubernetes podFailurePolicy |
+|------|----------------------------------------------------------------|-----------------------------|
+| 0    | published                                                      | -                           |
+| 1    | a bug: unexpected exception, traceback kept                    | counted against backoff     |
+| 2    | invalid spec, data or usage: the user must change something   | FailJob                     |
+| 3    | a model, dataset or bucket is missing or access is denied      | FailJob                     |
+| 4    | an artifact failed verification                                | FailJob                     |
+| 75   | transient infrastructure (network, throttling, preemption)     | retried                     |
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_USER = 2
+EXIT_NOT_FOUND = 3
+EXIT_VERIFICATION = 4
+EXIT_TRANSIENT = 75
+
+EXIT_CODES = {
+    EXIT_OK: "published",
+    EXIT_BUG: "bug (unexpected exception)",
+    EXIT_USER: "invalid spec, data or usage",
+    EXIT_NOT_FOUND: "model, dataset or bucket missing or denied",
+    EXIT_VERIFICATION: "artifact failed verification",
+    EXIT_TRANSIENT: "transient infrastructure error; retry",
+}
+
+
+class JobError(Exception):
+    """An error with a message meant for the user and the exit code it maps to."""
+
+    exit_code = EXIT_BUG
+    kind = "error"
+
+    def __init__(self, message: str, *, hint: str | None = None, where: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.where = where
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.where:
+            parts.insert(0, f"{self.where}:")
+        if self.hint:
+            parts.append(f"({self.hint})")
+        return " ".join(parts)
+
+
+class SpecError(JobError):
+    """The run spec is invalid."""
+
+    exit_code = EXIT_USER
+    kind = "spec"
+
+
+class DataError(JobError):
+    """The dataset cannot be used as declared."""
+
+    exit_code = EXIT_USER
+    kind = "data"
+
+
+class NotFoundError(JobError):
+    """A model, dataset, spec or bucket does not exist or cannot be read with the given credentials."""
+
+    exit_code = EXIT_NOT_FOUND
+    kind = "not_found"
+
+
+class VerificationError(JobError):
+    """An artifact was produced but does not behave like the trained model."""
+
+    exit_code = EXIT_VERIFICATION
+    kind = "verification"
+
+
+class TransientError(JobError):
+    """Network, throttling or preemption: the same run may succeed when retried."""
+
+    exit_code = EXIT_TRANSIENT
+    kind = "transient"
+
+
+class ToolMissingError(JobError):
+    """A build tool or binary the run needs is not installed."""
+
+    exit_code = EXIT_USER
+    kind = "tool_missing"

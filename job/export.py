@@ -1,0 +1,85 @@
+"""Export: the LoRA adapter, merged 16-bit weights (merged into the 16-bit base), and GGUF files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from job import llamacpp, log
+from job.spec import ExportSection, ModelSection
+
+
+@dataclass
+class Exported:
+    adapter_dir: Path
+    merged_dir: Path | None = None
+    gguf: dict[str, Path] = field(default_factory=dict)
+    merge_method: str | None = None
+    llama_cpp: dict | None = None
+
+
+def save_adapter(model, tokenizer, out_dir: Path) -> Path:
+    adapter_dir = out_dir / "adapter"
+    model.save_pretrained(adapter_dir, safe_serialization=True)
+    tokenizer.save_pretrained(adapter_dir)
+    log.get().info("export.adapter.saved", path=str(adapter_dir))
+    return adapter_dir
+
+
+def merge(base_path: Path, adapter_dir: Path, out_dir: Path, model: ModelSection) -> tuple[Path, str]:
+    """Merge the adapter into the 16-bit base weights (never into a dequantized 4-bit copy)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged_dir = out_dir / "merged"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Merge in float32 on CPU (exact), bfloat16 on GPU; save in the base's 16-bit dtype.
+    work_dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    base = AutoModelForCausalLM.from_pretrained(
+        base_path, dtype=work_dtype, trust_remote_code=model.trust_remote_code, use_safetensors=True, device_map=device
+    )
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    save_dtype = getattr(base.config, "dtype", None) or torch.bfloat16
+    if isinstance(save_dtype, str):
+        save_dtype = getattr(torch, save_dtype)
+    if save_dtype not in (torch.bfloat16, torch.float16):
+        save_dtype = torch.bfloat16
+    merged = merged.to(save_dtype)
+    merged.config.dtype = save_dtype
+    merged.save_pretrained(merged_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(merged_dir)
+    del merged, base
+    method = f"adapter merged into the 16-bit base ({str(work_dtype).removeprefix('torch.')} math, saved as {str(save_dtype).removeprefix('torch.')})"
+    log.get().info("export.merged.saved", path=str(merged_dir), method=method)
+    return merged_dir, method
+
+
+def to_gguf(tools: llamacpp.Tools, merged_dir: Path, out_dir: Path, types: list[str], stem: str) -> dict[str, Path]:
+    """Convert the merged checkpoint once to a bf16 GGUF, then quantize to each requested type."""
+    events = log.get()
+    gguf_dir = out_dir / "gguf"
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    threads = os.cpu_count() or 1
+    intermediate = gguf_dir / f"{stem}-bf16.gguf"
+    events.info("export.gguf.convert.started", outtype="bf16")
+    llamacpp.convert(tools, merged_dir, intermediate, "bf16")
+    made: dict[str, Path] = {}
+    for qtype in types:
+        target = gguf_dir / f"{stem}-{qtype}.gguf"
+        if qtype == "bf16":
+            made[qtype] = intermediate
+            continue
+        events.info("export.gguf.quantize.started", type=qtype, threads=threads)
+        llamacpp.quantize(tools, intermediate, target, qtype, threads)
+        made[qtype] = target
+        events.info("export.gguf.quantize.finished", type=qtype, bytes=target.stat().st_size)
+    if "bf16" not in types:
+        intermediate.unlink()
+    return made
+
+
+def clean(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

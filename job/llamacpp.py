@@ -1,0 +1,88 @@
+"""The pinned llama.cpp tools: converter, llama-quantize and llama-completion, built ahead of time.
+
+The image builds them at image build time (docker/Dockerfile); developer and CI machines build them once
+into a cache with docker/build-llama-cpp.sh. Nothing is cloned or compiled while a job runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from job.errors import ToolMissingError, VerificationError
+
+PINNED_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+SOURCE = "llama-cpp-python==0.3.36 sdist (vendor/llama.cpp)"
+END_MARKER = "[end of text]"  # what llama-completion prints when generation hits an end-of-generation token
+
+
+@dataclass
+class Tools:
+    home: Path
+    commit: str
+
+    @property
+    def converter(self) -> Path:
+        return self.home / "convert_hf_to_gguf.py"
+
+    @property
+    def quantize(self) -> Path:
+        return self.home / "bin" / "llama-quantize"
+
+    @property
+    def completion(self) -> Path:
+        return self.home / "bin" / "llama-completion"
+
+
+def locate(home: Path) -> Tools:
+    tools = Tools(home, "")
+    missing = [p for p in (tools.converter, tools.quantize, tools.completion) if not p.exists()]
+    if missing:
+        raise ToolMissingError(
+            f"llama.cpp tools not found in {home} (missing {', '.join(p.name for p in missing)})",
+            hint=f"build them once: bash docker/build-llama-cpp.sh {home}  (needs cmake, g++, make), "
+            "or set JOB_LLAMA_CPP_DIR to where they are",
+        )
+    commit_file = home / "COMMIT"
+    tools.commit = commit_file.read_text().strip() if commit_file.exists() else "unknown"
+    return tools
+
+
+def _run(cmd: list[str], what: str, env: dict | None = None, timeout: int = 3 * 3600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        raise VerificationError(f"{what} failed with exit code {proc.returncode}: {tail}")
+    return proc
+
+
+def convert(tools: Tools, checkpoint: Path, out_file: Path, outtype: str = "bf16") -> None:
+    env = dict(os.environ, PYTHONPATH=str(tools.home / "gguf-py"), NO_LOCAL_GGUF="")
+    _run([sys.executable, str(tools.converter), str(checkpoint), "--outfile", str(out_file), "--outtype", outtype],
+         "convert_hf_to_gguf.py", env=env)
+
+
+def quantize(tools: Tools, source: Path, target: Path, qtype: str, threads: int) -> None:
+    _run([str(tools.quantize), str(source), str(target), qtype.upper(), str(threads)], f"llama-quantize {qtype}")
+
+
+def complete(tools: Tools, gguf: Path, prompt: str, max_tokens: int, threads: int) -> str:
+    """Greedy completion of an already templated prompt; returns only the generated text."""
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as fh:
+        fh.write(prompt)
+        prompt_file = fh.name
+    try:
+        proc = _run(
+            [str(tools.completion), "-m", str(gguf), "-f", prompt_file, "-n", str(max_tokens), "--temp", "0",
+             "--top-k", "1", "-s", "0", "-no-cnv", "--no-display-prompt", "--simple-io", "--no-warmup",
+             "-c", "4096", "-t", str(threads), "--no-perf"],
+            f"llama-completion on {gguf.name}", timeout=1800,
+        )
+    finally:
+        os.unlink(prompt_file)
+    text = proc.stdout.strip()
+    return text.removesuffix(END_MARKER).rstrip()

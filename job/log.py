@@ -1,0 +1,90 @@
+"""Structured logging: JSON lines when not on a terminal, readable console lines on one.
+
+Events have fixed names and carry their data as fields. Known secret values are redacted from every
+event before it is rendered, whatever field they hide in.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+
+import structlog
+
+REDACTED = "***"
+
+
+def _redactor(secrets: list[str]):
+    def redact(value):
+        if isinstance(value, str):
+            for secret in secrets:
+                if secret in value:
+                    value = value.replace(secret, REDACTED)
+            return value
+        if isinstance(value, dict):
+            return {k: redact(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(redact(v) for v in value)
+        return value
+
+    def processor(_logger, _method, event_dict):
+        return redact(event_dict) if secrets else event_dict
+
+    return processor
+
+
+def setup(*, secrets: Iterable[str] = (), json_logs: bool | None = None, level: str = "INFO", stream=None) -> None:
+    """Configure structlog and route the stdlib loggers of transformers, datasets, etc. through it."""
+    stream = stream or sys.stdout
+    if json_logs is None:
+        json_logs = not stream.isatty()
+    # Short values (like "test") would redact half the log; real credentials are long.
+    secret_values = sorted({s for s in secrets if s and len(s) >= 8}, key=len, reverse=True)
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redactor(secret_values),
+    ]
+    if json_logs:
+        renderer = structlog.processors.JSONRenderer()
+        shared.append(structlog.processors.dict_tracebacks)
+    else:
+        renderer = structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "filelock", "httpx", "httpcore", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def get(name: str = "job"):
+    return structlog.get_logger(name)
+
+
+def route_library_logs() -> None:
+    """Send transformers', datasets' and the hub's logs through structlog and silence their progress bars."""
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+    logging.captureWarnings(True)

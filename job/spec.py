@@ -1,0 +1,275 @@
+"""The run spec: one pydantic model, validated once at the start of a run and passed down.
+
+Sources, first found wins: `--spec PATH|s3://…|https://…`, env `JOB_SPEC` (inline YAML or JSON),
+env `JOB_SPEC_URI`. Then overrides: env `JOB__SECTION__FIELD=value`, then `--set section.field=value`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from job.errors import SpecError
+
+# llama-quantize's own type names (tools/quantize/quantize.cpp at the pinned commit), lower-cased.
+GGUF_TYPES = (
+    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_k", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_k",
+    "q4_0", "q4_1", "q3_k_m", "q3_k_s", "q3_k_l", "q3_k", "q2_k", "q2_k_s", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0",
+    "mxfp4_moe",
+)  # fmt: skip
+# The i-quants below 4 bits need an importance matrix, which the job does not compute.
+SECRET_FIELDS = ("model.token",)
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    id: str | None = Field(
+        None,
+        description="Run id: names the output folder and the Kubernetes Job (lowercase letters, digits, '-'). "
+        "Default: 'run-' and a hash of the resolved spec, so a restarted run finds its own outputs.",
+    )
+    output: str = Field(
+        "runs",
+        description="Where artifacts go: a local directory or s3://bucket/prefix. The run lands in OUTPUT/RUN_ID/.",
+    )
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (R2, MinIO, RunPod). Default: the AWS environment (AWS_ENDPOINT_URL_S3)."
+    )
+    region: str | None = Field(None, description="S3 region. Default: the AWS environment.")
+
+    @field_validator("id")
+    @classmethod
+    def _dns_label(cls, value: str | None) -> str | None:
+        if value is not None and not DNS_LABEL.match(value):
+            raise ValueError("must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, value: str) -> str:
+        if "://" in value and not value.startswith("s3://"):
+            raise ValueError("must be a local path or s3://bucket/prefix")
+        if value.startswith("s3://") and not value[5:].split("/")[0]:
+            raise ValueError("s3:// URI needs a bucket name")
+        return value.rstrip("/") or "/"
+
+
+class ModelSection(Section):
+    name: str = Field(
+        ...,
+        description="Base model: a Hugging Face id, a local checkpoint directory, a local .gguf file, "
+        "s3://bucket/prefix holding a checkpoint, or pkg://python_package/file.gguf (a model shipped in a package).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    precision: Literal["auto", "4bit", "16bit"] = Field(
+        "auto",
+        description="Base weights while training: 4bit (QLoRA, CUDA only) or 16bit. auto: 4bit on CUDA, 16bit elsewhere.",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute dtype. auto: bfloat16 on CUDA cards that have it, float32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you trust it.")
+    token: SecretStr | None = Field(None, description="Hugging Face token for gated models (prefer env HF_TOKEN).")
+
+
+class LoraSection(Section):
+    r: int = Field(16, gt=0, le=1024, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Module names that get adapters.",
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
+    loftq_config: dict[str, Any] | None = Field(None, description="LoftQ initialisation, e.g. {loftq_bits: 4}.")
+
+
+class DataSection(Section):
+    source: str = Field(
+        ...,
+        description="A local file or directory, s3://bucket/key or s3://bucket/prefix/, or a Hugging Face dataset id. "
+        "Files: .jsonl, .json, .parquet, .csv.",
+    )
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "prompt_completion"] = Field(
+        "auto", description="Row format. auto detects it from the columns and logs what it picked."
+    )
+    split: str = Field("train", description="Split of a hub dataset.")
+    chat_template: Literal["auto", "model", "chatml", "llama-3", "alpaca"] = Field(
+        "auto",
+        description="auto: the model's own template when it has one, else chatml. model: require the model's own.",
+    )
+    train_on_responses_only: bool = Field(True, description="Loss on assistant/completion tokens only.")
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N rows.")
+
+
+class TrainingSection(Section):
+    backend: Literal["auto", "hf", "unsloth"] = Field(
+        "auto", description="auto: unsloth when CUDA is present, else transformers+peft (hf)."
+    )
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 trains num_epochs.")
+    num_epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(2, gt=0, description="Per-device micro-batch size.")
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts"] = "linear"
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: Literal["adamw_8bit", "adamw_torch", "paged_adamw_8bit", "adamw_torch_fused", "sgd"] = "adamw_8bit"
+    seed: int = 3407
+    max_seq_length: int = Field(2048, gt=0)
+    packing: bool = Field(False, description="Pack several rows into each max_seq_length sequence.")
+    gradient_checkpointing: bool = Field(True, description="Trade compute for memory (unsloth's offloaded variant on GPU).")
+    logging_steps: int = Field(1, gt=0)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("must be a positive number of steps, or -1 to train num_epochs")
+        return value
+
+
+class ExportSection(Section):
+    merged: bool = Field(True, description="Publish merged 16-bit weights (safetensors).")
+    gguf: list[str] = Field(
+        ["q4_k_m", "q8_0"], description=f"GGUF quantizations to publish (llama.cpp types: {', '.join(GGUF_TYPES)})."
+    )
+    probes: list[str] = Field(
+        ["What is the capital of France?"],
+        description="Prompts answered greedily by every artifact before publishing; the answers go in the manifest.",
+    )
+    probe_max_new_tokens: int = Field(48, gt=0, le=1024)
+
+    @field_validator("gguf")
+    @classmethod
+    def _gguf_types(cls, value: list[str]) -> list[str]:
+        lowered = [v.lower() for v in value]
+        unknown = [v for v in lowered if v not in GGUF_TYPES]
+        if unknown:
+            raise ValueError(f"unknown GGUF type(s) {unknown}; known: {', '.join(GGUF_TYPES)}")
+        if len(set(lowered)) != len(lowered):
+            raise ValueError("lists a GGUF type twice")
+        return lowered
+
+
+class Spec(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Spec:
+        if self.export.gguf and not self.export.merged:
+            raise ValueError("export.gguf needs export.merged: true (GGUF files are converted from the merged weights)")
+        return self
+
+    @property
+    def run_id(self) -> str:
+        if self.run.id:
+            return self.run.id
+        body = self.model_dump(mode="json", exclude={"run": {"id"}, "model": {"token"}})
+        return "run-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
+
+    def masked(self) -> dict[str, Any]:
+        """The resolved spec as plain data with secrets masked and the run id filled in."""
+        data = self.model_dump(mode="json")
+        data["run"]["id"] = self.run_id
+        return data
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+
+
+def parse_text(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"is not valid YAML or JSON: {exc}", where=origin) from exc
+    if not isinstance(data, dict):
+        raise SpecError("must be a mapping with sections run, model, lora, data, training, export", where=origin)
+    return data
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_override(data: dict[str, Any], dotted: str, raw_value: str, origin: str) -> None:
+    path = [p for p in dotted.strip().split(".") if p]
+    if not path:
+        raise SpecError(f"override {dotted!r} names no field", where=origin)
+    node = data
+    for key in path[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"cannot set {dotted}: {key} is not a section", where=origin)
+        node = child
+    node[path[-1]] = _parse_value(raw_value)
+
+
+def env_overrides(environ: dict[str, str]) -> list[tuple[str, str, str]]:
+    """`JOB__TRAINING__LEARNING_RATE=1e-4` → ("training.learning_rate", "1e-4", origin)."""
+    found = []
+    for key in sorted(environ):
+        if key.startswith("JOB__") and len(key) > 5:
+            dotted = ".".join(part.lower() for part in key[5:].split("__"))
+            found.append((dotted, environ[key], f"env {key}"))
+    return found
+
+
+def parse_set(item: str) -> tuple[str, str, str]:
+    if "=" not in item:
+        raise SpecError(f"--set {item!r} must look like section.field=value")
+    dotted, value = item.split("=", 1)
+    return dotted, value, f"--set {dotted}"
+
+
+def validate(data: dict[str, Any], origin: str) -> Spec:
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc), where=origin, hint="see `job schema` for every field") from exc
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = [f"{exc.error_count()} invalid field(s):"]
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field (a typo? unknown fields are refused so nothing trains with silent defaults)"
+        elif err["type"] == "missing":
+            message = "required field is missing"
+        value = err.get("input")
+        shown = "" if err["type"] in ("missing",) or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {path}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def resolve(base: dict[str, Any], origin: str, overrides: list[tuple[str, str, str]]) -> Spec:
+    data = json.loads(json.dumps(base))  # a deep copy that also rejects non-JSON YAML oddities early
+    for dotted, raw, where in overrides:
+        apply_override(data, dotted, raw, where)
+    return validate(data, origin)
+
+
+def json_schema() -> dict[str, Any]:
+    return Spec.model_json_schema()

@@ -1,0 +1,141 @@
+"""Verify every artifact before it is published: probe prompts answered greedily by each of them.
+
+Gates: the merged checkpoint must answer like the adapter on its base; q8_0 and 16-bit GGUFs must start
+their answers like PyTorch does; every GGUF must load and produce text. Lower-bit quants are recorded only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from job import llamacpp, log
+from job.errors import VerificationError
+
+MERGED_MATCH_TOKENS = 16
+GGUF_MATCH_TOKENS = 8
+GATED_GGUF_TYPES = {"q8_0", "f16", "bf16", "f32"}
+
+
+@dataclass
+class ProbeReport:
+    probes: list[str]
+    base: list[str] = field(default_factory=list)
+    adapter: list[str] = field(default_factory=list)
+    merged: list[str] = field(default_factory=list)
+    gguf: dict[str, list[str]] = field(default_factory=dict)
+    checks: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> list[dict]:
+        rows = []
+        for i, probe in enumerate(self.probes):
+            row = {"prompt": probe}
+            for name in ("base", "adapter", "merged"):
+                answers = getattr(self, name)
+                if answers:
+                    row[name] = answers[i]
+            for qtype, answers in self.gguf.items():
+                row[f"gguf_{qtype}"] = answers[i]
+            rows.append(row)
+        return rows
+
+
+def chat_prompt(tokenizer, probe: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False, add_generation_prompt=True)
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def generate(model, tokenizer, probes: list[str], max_new_tokens: int) -> list[str]:
+    import torch
+
+    answers = []
+    device = next(model.parameters()).device
+    for probe in probes:
+        enc = tokenizer(chat_prompt(tokenizer, probe), return_tensors="pt", add_special_tokens=False).to(device)
+        with torch.no_grad():
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=_stop_ids(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        answers.append(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    return answers
+
+
+def answer_with_adapter(peft_model, tokenizer, probes: list[str], max_new_tokens: int) -> tuple[list[str], list[str]]:
+    """(base answers with the adapter switched off, answers of the trained adapter)."""
+    peft_model.eval()
+    was_cache = peft_model.config.use_cache
+    peft_model.config.use_cache = True
+    with peft_model.disable_adapter():
+        base = generate(peft_model, tokenizer, probes, max_new_tokens)
+    adapter = generate(peft_model, tokenizer, probes, max_new_tokens)
+    peft_model.config.use_cache = was_cache
+    return base, adapter
+
+
+def answer_with_checkpoint(path: Path, probes: list[str], max_new_tokens: int, trust_remote_code: bool) -> list[str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        return generate(model, tokenizer, probes, max_new_tokens)
+    finally:
+        del model
+
+
+def answer_with_gguf(tools: llamacpp.Tools, gguf: Path, tokenizer, probes: list[str], max_new_tokens: int) -> list[str]:
+    threads = os.cpu_count() or 1
+    answers = []
+    for probe in probes:
+        prompt = chat_prompt(tokenizer, probe)
+        if tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
+            prompt = prompt[len(tokenizer.bos_token) :]  # llama.cpp adds BOS itself, as the GGUF's metadata says
+        answers.append(llamacpp.complete(tools, gguf, prompt, max_new_tokens, threads))
+    return answers
+
+
+def same_start(tokenizer, expected: str, actual: str, n: int) -> bool:
+    a = tokenizer.encode(expected, add_special_tokens=False)[:n]
+    b = tokenizer.encode(actual, add_special_tokens=False)[:n]
+    return a == b
+
+
+def check(report: ProbeReport, tokenizer) -> None:
+    """Record each check in the report; raise VerificationError listing every failed gate."""
+    failures = []
+    for i, probe in enumerate(report.probes):
+        if report.merged:
+            ok = same_start(tokenizer, report.adapter[i], report.merged[i], MERGED_MATCH_TOKENS)
+            report.checks.append({"artifact": "merged", "prompt": probe, "gate": f"first {MERGED_MATCH_TOKENS} tokens match adapter", "passed": ok})
+            if not ok:
+                failures.append(f"merged weights answer {probe!r} with {report.merged[i]!r}, the adapter with {report.adapter[i]!r}")
+        for qtype, answers in report.gguf.items():
+            reference = report.merged[i] if report.merged else report.adapter[i]
+            if not answers[i].strip():
+                report.checks.append({"artifact": f"gguf_{qtype}", "prompt": probe, "gate": "produces text", "passed": False})
+                failures.append(f"GGUF {qtype} produced no text for {probe!r}")
+                continue
+            if qtype in GATED_GGUF_TYPES:
+                ok = same_start(tokenizer, reference, answers[i], GGUF_MATCH_TOKENS)
+                report.checks.append({"artifact": f"gguf_{qtype}", "prompt": probe, "gate": f"first {GGUF_MATCH_TOKENS} tokens match PyTorch", "passed": ok})
+                if not ok:
+                    failures.append(f"GGUF {qtype} answers {probe!r} with {answers[i]!r}, PyTorch with {reference!r}")
+            else:
+                report.checks.append({"artifact": f"gguf_{qtype}", "prompt": probe, "gate": "produces text (recorded, not gated)", "passed": True})
+    for row in report.checks:
+        log.get().info("verify.check", **row)
+    if failures:
+        raise VerificationError("artifacts failed verification: " + "; ".join(failures), hint="nothing was published as complete")
