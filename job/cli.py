@@ -70,6 +70,8 @@ def main() -> None:
 def run(spec_arg: str | None, sets: tuple[str, ...]) -> None:
     """Train, export, verify and publish one run."""
     environ = dict(os.environ)
+    # Libraries draw tqdm bars on stderr; the run reports progress as events instead.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     log.setup(secrets=[environ.get(k, "") for k in SECRET_ENV])
     events = log.get()
     try:

