@@ -332,7 +332,8 @@ def tokenize_example(tokenizer, example: Example, row: int, responses_only: bool
         spans = [(len(example.prompt), len(text))]
     ids, offsets = _encode(tokenizer, text)
     if responses_only:
-        trained = [any(a <= start < b for a, b in spans) and end > start for start, end in offsets]
+        # Overlap, not start: a prompt's trailing space often fuses into the answer's first token (" Hello").
+        trained = [end > start and any(start < b and end > a for a, b in spans) for start, end in offsets]
     else:
         trained = [True] * len(ids)
     eos = tokenizer.eos_token_id

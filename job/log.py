@@ -68,6 +68,7 @@ def setup(*, secrets: Iterable[str] = (), json_logs: bool | None = None, level: 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    route_library_logs()
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "filelock", "httpx", "httpcore", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -77,14 +78,20 @@ def get(name: str = "job"):
 
 
 def route_library_logs() -> None:
-    """Send transformers', datasets' and the hub's logs through structlog and silence their progress bars."""
-    import datasets
-    import huggingface_hub
-    import transformers
+    """Send the logs of transformers, datasets and the hub through structlog (so they are JSON and redacted)
+    and silence their progress bars. Touches only libraries already imported; call again after importing more."""
+    if "transformers" in sys.modules:
+        import transformers
 
-    transformers.utils.logging.disable_default_handler()
-    transformers.utils.logging.enable_propagation()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    huggingface_hub.utils.disable_progress_bars()
+        transformers.utils.logging.disable_default_handler()
+        transformers.utils.logging.enable_propagation()
+        transformers.utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
+    if "huggingface_hub" in sys.modules:
+        import huggingface_hub
+
+        huggingface_hub.utils.disable_progress_bars()
     logging.captureWarnings(True)

@@ -47,7 +47,9 @@ def stage(name: str, timings: dict):
 
 
 def run(spec: Spec, paths: Paths) -> RunResult:
+    import datasets  # noqa: F401 - imported so their loggers can be routed now
     import torch
+    import transformers  # noqa: F401
 
     log.route_library_logs()
     run_id = spec.run_id
