@@ -10,6 +10,7 @@
 # Env: IMAGE (default job:cpu-test)   BASE_IMAGE (default job-base:bookworm, made if missing)
 #      LLAMA_CPP_DIR (default $JOB_CACHE_DIR or ~/.cache/job, /llama.cpp-0.3.36: reused, built there
 #      once if missing)   IMAGE_TEST_VENV (default /tmp/job-image-test-venv)   KEEP=1 keeps volumes.
+#      IMAGE_TEST_SIGTERM=warn reports, instead of failing on, a job that ignores SIGTERM.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
@@ -213,6 +214,9 @@ docker stop -t 30 "$name-term" >/dev/null
 stop_s=$(( $(date +%s) - stop_start ))
 term_rc=$(docker inspect -f '{{.State.ExitCode}}' "$name-term")
 echo "docker stop took ${stop_s}s, exit code $term_rc"
-[ "$term_rc" != 137 ] || fail "job ignored SIGTERM (killed after 30 s): as PID 1 it needs a SIGTERM handler"
+if [ "$term_rc" = 137 ]; then
+  msg="job ignored SIGTERM (killed after 30 s): as PID 1 it gets no default signal action, so it needs a SIGTERM handler"
+  [ "${IMAGE_TEST_SIGTERM:-strict}" = warn ] && echo "WARNING: $msg" >&2 || fail "$msg"
+fi
 
 step "done in $(( $(date +%s) - t0 )) s: image $IMAGE ($(( size / 1000000 )) MB) published a verified run to local S3"
