@@ -8,7 +8,7 @@
 # twice; everything it starts it stops, except dockerd, which it leaves running for the next step.
 #
 # Env: IMAGE (default job:cpu-test)   BASE_IMAGE (default job-base:bookworm, made if missing)
-#      LLAMA_CPP_DIR (default $JOB_CACHE_DIR or ~/.cache/job, /llama.cpp-0.3.36: reused, built there
+#      LLAMA_CPP_DIR (default $JOB_LLAMA_CPP_DIR, else ~/.cache/job/llama.cpp-0.3.36: reused, built there
 #      once if missing)   IMAGE_TEST_VENV (default /tmp/job-image-test-venv)   KEEP=1 keeps volumes.
 #      IMAGE_TEST_SIGTERM=warn reports, instead of failing on, a job that ignores SIGTERM.
 set -euo pipefail
@@ -17,7 +17,7 @@ repo=$PWD
 IMAGE=${IMAGE:-job:cpu-test}
 BASE_IMAGE=${BASE_IMAGE:-job-base:bookworm}
 cache_root=${JOB_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/job}
-LLAMA_CPP_DIR=${LLAMA_CPP_DIR:-$cache_root/llama.cpp-0.3.36}
+LLAMA_CPP_DIR=${LLAMA_CPP_DIR:-${JOB_LLAMA_CPP_DIR:-$cache_root/llama.cpp-0.3.36}}
 venv=${IMAGE_TEST_VENV:-/tmp/job-image-test-venv}
 name=job-image-smoke
 vol_cache=job-image-smoke-cache
