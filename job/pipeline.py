@@ -47,8 +47,12 @@ def stage(name: str, timings: dict):
 
 
 def run(spec: Spec, paths: Paths) -> RunResult:
-    import datasets  # noqa: F401 - imported so their loggers can be routed now
     import torch
+
+    # The backend is imported first: unsloth must patch transformers, trl and peft before anyone imports them.
+    backend_name = backends.pick(spec.training, torch.cuda.is_available())
+    backend = backends.load(backend_name)
+    import datasets  # noqa: F401 - imported so their loggers can be routed now
     import transformers  # noqa: F401
 
     log.route_library_logs()
@@ -61,7 +65,6 @@ def run(spec: Spec, paths: Paths) -> RunResult:
     staging.mkdir(parents=True)
     timings: dict[str, float] = {}
     cuda = torch.cuda.is_available()
-    backend_name = backends.pick(spec.training, cuda)
     # Fail on missing tools and unreachable storage before paying for a model download or training.
     tools = llamacpp.locate(paths.llama_cpp_dir) if spec.export.gguf else None
     store.list(f"{run_id}/")
@@ -74,8 +77,9 @@ def run(spec: Spec, paths: Paths) -> RunResult:
         dataset, data_stats, template = data.prepare(spec.data, tokenizer, spec.training.max_seq_length, work, s3)
 
     with stage("train", timings):
-        peft_model, _, info = backends.load(backend_name).load_for_training(fetched.path, spec.model, spec.lora, spec.training)
+        peft_model, _, info = backend.load_for_training(fetched.path, spec.model, spec.lora, spec.training)
         result = train.run(peft_model, tokenizer, dataset, spec.training, work, info)
+        backend.for_inference(peft_model)
         report = verify.ProbeReport(spec.export.probes)
         report.base, report.adapter = verify.answer_with_adapter(
             peft_model, tokenizer, spec.export.probes, spec.export.probe_max_new_tokens
@@ -97,9 +101,9 @@ def run(spec: Spec, paths: Paths) -> RunResult:
 
     with stage("verify", timings):
         if exported.merged_dir:
-            report.merged = verify.answer_with_checkpoint(
-                exported.merged_dir, spec.export.probes, spec.export.probe_max_new_tokens, spec.model.trust_remote_code
-            )
+            probes, limit, trust = spec.export.probes, spec.export.probe_max_new_tokens, spec.model.trust_remote_code
+            report.adapter_on_16bit_base = verify.answer_with_checkpoint(fetched.path, probes, limit, trust, exported.adapter_dir)
+            report.merged = verify.answer_with_checkpoint(exported.merged_dir, probes, limit, trust)
         for qtype, path in exported.gguf.items():
             report.gguf[qtype] = verify.answer_with_gguf(tools, path, tokenizer, spec.export.probes, spec.export.probe_max_new_tokens)
         verify.check(report, tokenizer)

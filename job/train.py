@@ -108,10 +108,24 @@ def _events_callback(metrics_path: Path, started: float):
     return StepEvents()
 
 
+def _LeanSFTTrainer():
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class LeanSFTTrainer(SFTTrainer):
+        """trl's SFTTrainer without its per-step entropy and token-accuracy metrics: they take a softmax over the
+        full logits (batch × sequence × vocabulary) and several host syncs every step, for numbers we do not log.
+        The loss is the model's own, exactly as SFTTrainer computes it."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    return LeanSFTTrainer
+
+
 def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, info: dict) -> TrainResult:
     import torch
     from transformers import PrinterCallback
-    from trl import SFTTrainer
 
     events = log.get()
     metrics_path = work_dir / "metrics.jsonl"
@@ -121,7 +135,7 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
     )
     started = time.monotonic()
     callback = _events_callback(metrics_path, started)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
+    trainer = _LeanSFTTrainer()(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; our callback emits events instead
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

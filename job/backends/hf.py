@@ -71,3 +71,7 @@ def load_for_training(path: Path, model: ModelSection, lora: LoraSection, traini
     tokenizer = load_tokenizer(path, model.trust_remote_code)
     info = {"backend": "hf", "precision": mode, "dtype": str(dtype).removeprefix("torch.")}
     return peft_model, tokenizer, info
+
+
+def for_inference(peft_model) -> None:
+    peft_model.eval()
