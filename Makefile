@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 LLAMA_CPP_DIR ?= $(HOME)/.cache/job/llama.cpp-0.3.36
 export JOB_LLAMA_CPP_DIR := $(LLAMA_CPP_DIR)
 # pip reads two local index folders here and warns about every package they lack: noise, not errors.
-PIP_QUIET := grep -v -e 'is ignored: it is neither a file nor a directory' || true
+# (grep's own status is dropped; with pipefail a failing pip still fails the recipe)
+PIP_QUIET := { grep -v -e 'is ignored: it is neither a file nor a directory' || true; }
 
 .PHONY: venv llama-cpp smoke test test-fast image image-cpu test-image clean
 
@@ -34,6 +35,17 @@ test: venv llama-cpp
 
 test-fast: venv
 	$(PY) -m pytest -ra -m 'not smoke and not slow'
+
+image:
+	docker build -f docker/Dockerfile -t job:cuda --build-arg VCS_REF=$$(git rev-parse HEAD) .
+
+image-cpu:
+	docker build -f docker/Dockerfile -t job:cpu --build-arg VARIANT=cpu --build-arg BASE_IMAGE=debian:bookworm-slim \
+	  --build-arg IMAGE_LICENSES="Apache-2.0 AND MIT" --build-arg VCS_REF=$$(git rev-parse HEAD) .
+
+# Builds the CPU image locally (debootstrap base, no registry), lints it, runs the smoke job in it against local S3.
+test-image: llama-cpp
+	bash tests/image/run-image-smoke.sh
 
 clean:
 	rm -rf .job-work runs
