@@ -38,10 +38,28 @@ def template_family(chat_template: str | None, named: str) -> str | None:
     return None
 
 
-def modelfile(gguf_name: str, family: str | None) -> str:
+_SYSTEM_BLOCKS = {"chatml": ("<|im_start|>system\n", "<|im_end|>"),
+                  "llama-3": ("<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>")}
+
+
+def default_system(tokenizer, family: str | None) -> str | None:
+    """The system prompt a chat template inserts when a conversation has none (SmolLM2's does). Training rows were
+    rendered with it, so the Modelfile must send it too."""
+    if family not in _SYSTEM_BLOCKS:
+        return None
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    start, end = _SYSTEM_BLOCKS[family]
+    if start not in rendered:
+        return None
+    return rendered.split(start, 1)[1].split(end, 1)[0]
+
+
+def modelfile(gguf_name: str, family: str | None, system: str | None = None) -> str:
     lines = [f"FROM ./{gguf_name}", ""]
     if family:
         lines.append('TEMPLATE """' + OLLAMA_TEMPLATES[family] + '"""')
+        if system:
+            lines.append('SYSTEM """' + system + '"""')
         lines.extend(f'PARAMETER stop "{stop}"' for stop in STOPS[family])
     else:
         lines.append("# The chat template embedded in the GGUF (tokenizer.chat_template) is used as is.")

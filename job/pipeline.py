@@ -97,7 +97,8 @@ def run(spec: Spec, paths: Paths) -> RunResult:
             exported.gguf = export.to_gguf(tools, exported.merged_dir, staging, spec.export.gguf, stem=run_id)
             family = card.template_family(tokenizer.chat_template, template)
             first = exported.gguf[spec.export.gguf[0]].name
-            (staging / "gguf" / "Modelfile").write_text(card.modelfile(first, family))
+            system = card.default_system(tokenizer, family)
+            (staging / "gguf" / "Modelfile").write_text(card.modelfile(first, family, system))
 
     with stage("verify", timings):
         if exported.merged_dir:

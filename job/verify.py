@@ -103,12 +103,16 @@ def answer_with_checkpoint(path: Path, probes: list[str], max_new_tokens: int, t
         del model
 
 
+def template_emits_bos(tokenizer) -> bool:
+    return bool(tokenizer.bos_token) and "bos_token" in (tokenizer.chat_template or "")
+
+
 def answer_with_gguf(tools: llamacpp.Tools, gguf: Path, tokenizer, probes: list[str], max_new_tokens: int) -> list[str]:
     threads = os.cpu_count() or 1
     answers = []
     for probe in probes:
         prompt = chat_prompt(tokenizer, probe)
-        if tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
+        if template_emits_bos(tokenizer) and prompt.startswith(tokenizer.bos_token):
             prompt = prompt[len(tokenizer.bos_token) :]  # llama.cpp adds BOS itself, as the GGUF's metadata says
         answers.append(llamacpp.complete(tools, gguf, prompt, max_new_tokens, threads))
     return answers

@@ -1,0 +1,72 @@
+import re
+
+import pytest
+
+from job import card, llamacpp, verify
+from job.chat_templates import CHATML, LLAMA_3
+from job.errors import VerificationError
+
+
+def render_go(template: str, system: str, prompt: str) -> str:
+    """Ollama's template for one turn, up to where the model starts answering (the subset our templates use)."""
+    template = template.split("{{ .Response }}")[0]
+    values = {"System": system, "Prompt": prompt}
+
+    def conditional(match):
+        return match.group(2) if values[match.group(1)] else ""
+
+    template = re.sub(r"\{\{ if \.(\w+) \}\}(.*?)\{\{ end \}\}", conditional, template, flags=re.S)
+    return re.sub(r"\{\{ \.(\w+) \}\}", lambda m: values[m.group(1)], template)
+
+
+def modelfile_template_and_system(text: str) -> tuple[str, str]:
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    system = text.split('SYSTEM """', 1)[1].split('"""', 1)[0] if 'SYSTEM """' in text else ""
+    return template, system
+
+
+def test_modelfile_renders_the_prompt_the_smoke_model_was_trained_on(smoke_tokenizer):
+    # SmolLM2's own template adds a default system prompt: the Modelfile must carry it.
+    family = card.template_family(smoke_tokenizer.chat_template, "model")
+    assert family == "chatml"
+    text = card.modelfile("m.gguf", family, card.default_system(smoke_tokenizer, family))
+    template, system = modelfile_template_and_system(text)
+    expected = verify.chat_prompt(smoke_tokenizer, "What is your name?")
+    assert render_go(template, system, "What is your name?") == expected
+    assert 'PARAMETER stop "<|im_end|>"' in text
+
+
+@pytest.mark.parametrize("name,jinja", [("chatml", CHATML), ("llama-3", LLAMA_3)])
+def test_named_templates_match_their_ollama_twins(smoke_tokenizer, name, jinja):
+    tok = type(smoke_tokenizer).from_pretrained(smoke_tokenizer.name_or_path)
+    tok.chat_template = jinja
+    for messages, system in (([{"role": "user", "content": "Hi"}], ""),
+                             ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "Be brief.")):
+        expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if verify.template_emits_bos(tok) and expected.startswith(tok.bos_token):
+            expected = expected[len(tok.bos_token):]  # Ollama/llama.cpp add BOS themselves
+        assert render_go(card.OLLAMA_TEMPLATES[name], system, "Hi") == expected
+
+
+@pytest.mark.slow
+def test_corrupt_gguf_is_caught_by_verification(tmp_path, smoke_tokenizer):
+    import os
+    from pathlib import Path
+
+    tools = llamacpp.locate(Path(os.environ.get("JOB_LLAMA_CPP_DIR") or Path.home() / ".cache/job/llama.cpp-0.3.36"))
+    corrupt = tmp_path / "model-q8_0.gguf"
+    corrupt.write_bytes(b"GGUF" + os.urandom(4096))
+    with pytest.raises(VerificationError) as err:
+        verify.answer_with_gguf(tools, corrupt, smoke_tokenizer, ["What is your name?"], 8)
+    assert "llama-completion" in str(err.value)
+
+
+def test_a_gguf_that_answers_nothing_or_differently_fails_the_gates(smoke_tokenizer):
+    report = verify.ProbeReport(["Q?"], adapter=["My name is Quill."], adapter_on_16bit_base=["My name is Quill."],
+                                merged=["My name is Quill."], gguf={"q8_0": ["Something else entirely here."], "q4_k_m": [""]})
+    with pytest.raises(VerificationError) as err:
+        verify.check(report, smoke_tokenizer)
+    assert "GGUF q8_0 answers" in str(err.value) and "GGUF q4_k_m produced no text" in str(err.value)
+    ok = verify.ProbeReport(["Q?"], adapter=["A"], adapter_on_16bit_base=["My name is Quill."], merged=["My name is Quill."],
+                            gguf={"q8_0": ["My name is Quill."], "q2_k": ["My name is Bob."]})
+    verify.check(ok, smoke_tokenizer)  # lower-bit quants and the 4-bit-trained answer are recorded, not gated
