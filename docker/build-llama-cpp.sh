@@ -7,7 +7,7 @@ set -euo pipefail
 version=0.3.36   # vendors llama.cpp at commit 0c1e57098bba43ac29e6e3b677cdceebdd22334f
 commit=0c1e57098bba43ac29e6e3b677cdceebdd22334f
 dest=${1:?usage: build-llama-cpp.sh DEST [cmake args...]}; shift
-if [ -x "$dest/bin/llama-quantize" ] && [ -x "$dest/bin/llama-completion" ] && [ -f "$dest/COMMIT" ]; then
+if [ -x "$dest/bin/llama-quantize" ] && [ -x "$dest/bin/llama-completion" ] && [ -f "$dest/COMMIT" ] && [ -d "$dest/conversion" ]; then
   echo "llama.cpp tools already built in $dest"; exit 0
 fi
 for tool in cmake c++ make; do

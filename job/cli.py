@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def main() -> None:
 def run(spec_arg: str | None, sets: tuple[str, ...]) -> None:
     """Train, export, verify and publish one run."""
     environ = dict(os.environ)
+    # As PID 1 in a container Python gets no default SIGTERM action: without this, preemption ends in SIGKILL.
+    # Exit 75 (transient) so Kubernetes retries; checkpointing on SIGTERM comes with the reliability issue.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(errors.EXIT_TRANSIENT))
     # Libraries draw tqdm bars on stderr; the run reports progress as events instead.
     os.environ.setdefault("TQDM_DISABLE", "1")
     log.setup(secrets=[environ.get(k, "") for k in SECRET_ENV])
