@@ -151,9 +151,11 @@ def exit_codes() -> None:
 
 
 from job.cli_deploy import k8s, launch  # noqa: E402 - registered after the core commands
+from job.cli_plan import plan  # noqa: E402
+from job.cli_runs import preview, runs  # noqa: E402
 
-main.add_command(k8s)
-main.add_command(launch)
+for command in (k8s, launch, plan, preview, runs):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

@@ -70,9 +70,10 @@ class ModelSection(Section):
         "s3://bucket/prefix holding a checkpoint, or pkg://python_package/file.gguf (a model shipped in a package).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    precision: Literal["auto", "4bit", "16bit"] = Field(
+    precision: Literal["auto", "4bit", "16bit", "fp8"] = Field(
         "auto",
-        description="Base weights while training: 4bit (QLoRA, CUDA only) or 16bit. auto: 4bit on CUDA, 16bit elsewhere.",
+        description="Base weights while training: 4bit (QLoRA, CUDA only), 16bit, or fp8 (unsloth, compute capability "
+        ">= 9.0 only). auto: 4bit on CUDA, 16bit elsewhere.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute dtype. auto: bfloat16 on CUDA cards that have it, float32 on CPU."
@@ -111,6 +112,16 @@ class DataSection(Section):
     )
     train_on_responses_only: bool = Field(True, description="Loss on assistant/completion tokens only.")
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows.")
+    eval: str | None = Field(None, description="A separate evaluation source (same forms as source).")
+    eval_split: float | None = Field(
+        None, gt=0, lt=1, description="Hold out this fraction of the training rows for evaluation (seeded by training.seed)."
+    )
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataSection:
+        if self.eval and self.eval_split:
+            raise ValueError("set data.eval or data.eval_split, not both")
+        return self
 
 
 class TrainingSection(Section):
@@ -119,7 +130,9 @@ class TrainingSection(Section):
     )
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 trains num_epochs.")
     num_epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(2, gt=0, description="Per-device micro-batch size.")
+    batch_size: int | Literal["auto"] = Field(
+        2, description="Per-device micro-batch size, or auto: the fastest that fits the card's free memory with headroom."
+    )
     gradient_accumulation_steps: int = Field(4, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(5, ge=0)
@@ -130,8 +143,27 @@ class TrainingSection(Section):
     seed: int = 3407
     max_seq_length: int = Field(2048, gt=0)
     packing: bool = Field(False, description="Pack several rows into each max_seq_length sequence.")
-    gradient_checkpointing: bool = Field(True, description="Trade compute for memory (unsloth's offloaded variant on GPU).")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        True, description="Trade compute for memory (unsloth's offloaded variant on GPU). auto: only when needed to fit."
+    )
     logging_steps: int = Field(1, gt=0)
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="Write a resumable checkpoint to the output location every N optimizer steps."
+    )
+    checkpoint_every_minutes: float | None = Field(
+        30.0, gt=0, description="Also write one when this many minutes have passed since the last (null: only by steps)."
+    )
+    eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (needs data.eval or data.eval_split).")
+    sharding: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: ddp replicates the model on every GPU; fsdp shards it (unsloth's FSDP2)."
+    )
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError("must be a positive integer or auto")
+        return value
 
     @field_validator("max_steps")
     @classmethod
@@ -164,6 +196,12 @@ class ExportSection(Section):
         return lowered
 
 
+class LoggingSection(Section):
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        [], description="Trackers, through transformers' own integrations. TensorBoard files are published with the run."
+    )
+
+
 class Spec(Section):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection
@@ -171,11 +209,14 @@ class Spec(Section):
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     export: ExportSection = Field(default_factory=ExportSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Spec:
         if self.export.gguf and not self.export.merged:
             raise ValueError("export.gguf needs export.merged: true (GGUF files are converted from the merged weights)")
+        if self.training.eval_every and not (self.data.eval or self.data.eval_split):
+            raise ValueError("training.eval_every needs data.eval or data.eval_split")
         return self
 
     @property
