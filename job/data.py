@@ -346,14 +346,37 @@ def tokenize_example(tokenizer, example: Example, row: int, responses_only: bool
     return ids, labels
 
 
-def tokenize(tokenizer, normalized: Normalized, max_seq_length: int, responses_only: bool) -> Tokenized:
-    out = Tokenized([], [], 0, Counter(), 0, 0)
+@dataclass
+class TokenizedRow:
+    """One row as training sees it: `job preview` shows these, `tokenize` keeps those with a trained token."""
+
+    row: int
+    input_ids: list[int]
+    labels: list[int]
+    full_length: int  # tokens before truncation to max_seq_length
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_length > len(self.input_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+def tokenize_rows(tokenizer, normalized: Normalized, max_seq_length: int, responses_only: bool):
+    """Yield every normalized row tokenized and truncated, including rows left with no trained token."""
     for row, example in normalized.examples:
         ids, labels = tokenize_example(tokenizer, example, row, responses_only)
-        if len(ids) > max_seq_length:
-            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-            out.rows_truncated += 1
-        if all(label == IGNORE for label in labels):
+        yield TokenizedRow(row, ids[:max_seq_length], labels[:max_seq_length], len(ids))
+
+
+def tokenize(tokenizer, normalized: Normalized, max_seq_length: int, responses_only: bool) -> Tokenized:
+    out = Tokenized([], [], 0, Counter(), 0, 0)
+    for item in tokenize_rows(tokenizer, normalized, max_seq_length, responses_only):
+        ids, labels = item.input_ids, item.labels
+        out.rows_truncated += item.truncated
+        if not item.trained_tokens:
             out.dropped["no trained token (after truncation)"] += 1
             continue
         out.input_ids.append(ids)
