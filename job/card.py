@@ -85,6 +85,7 @@ def model_card(manifest_body: dict, files: list[str]) -> str:
         f"- **{p['prompt']}** → {p.get('merged') or p.get('adapter')}" for p in manifest_body.get("probes", [])
     )
     gguf_lines = "\n".join(f"llama-cli -m {g} -cnv" for g in ggufs) or "(no GGUF exported)"
+    loss_plot = "\n## Loss\n![loss](loss.png)\n" if "loss.png" in files else ""
     return f"""# {manifest_body['run_id']}
 
 Fine-tuned with `job` (QLoRA/LoRA). Complete only when `manifest.json` sits next to this file.
@@ -92,7 +93,7 @@ Fine-tuned with `job` (QLoRA/LoRA). Complete only when `manifest.json` sits next
 | what | value |
 |---|---|
 {rows}
-
+{loss_plot}
 ## Probe answers (greedy, verified before publishing)
 {probes}
 
