@@ -8,6 +8,7 @@ from importlib import metadata
 from pathlib import Path
 
 from job import log
+from job.errors import JobError, TransientError
 from job.storage import LocalStorage, S3Storage, sha256_file
 
 MANIFEST = "manifest.json"
@@ -36,6 +37,9 @@ def inventory(staging: Path) -> list[dict]:
 
 
 def publish(staging: Path, store: LocalStorage | S3Storage, run_id: str, body: dict) -> dict:
+    """Upload every file, check each one the store now holds, then write the manifest: only if all of them match.
+
+    On any failure no manifest exists under RUN_ID (an earlier run's manifest is left at manifest.json.superseded)."""
     events = log.get()
     manifest_key = f"{run_id}/{MANIFEST}"
     # An old manifest must not vouch for files that are about to be replaced.
@@ -54,9 +58,33 @@ def publish(staging: Path, store: LocalStorage | S3Storage, run_id: str, body: d
             skipped += 1
         done += entry["bytes"]
         events.info("publish.progress", path=entry["path"], bytes_done=done, bytes_total=total)
+    # Checked again once all are up: the manifest vouches for what the store holds now, not for what it once accepted.
+    problems = {}
+    for entry in files:
+        if problem := store.mismatch(f"{run_id}/{entry['path']}", staging / entry["path"], entry["sha256"]):
+            problems[entry["path"]] = problem
+    if problems:
+        events.error("publish.verify_failed", destination=f"{store.uri}/{run_id}", problems=problems)
+        raise TransientError(
+            f"{len(problems)} published file(s) do not match what was staged: "
+            + "; ".join(f"{path}: {problem}" for path, problem in sorted(problems.items())),
+            where=f"{store.uri}/{run_id}", hint="no manifest was written; rerun to publish again",
+        )
     manifest = {**body, "run_id": run_id, "files": files, "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    store.put_bytes(manifest_key, json.dumps(manifest, indent=2).encode())
+    data = json.dumps(manifest, indent=2).encode()
+    try:
+        store.put_bytes(manifest_key, data)
+    except TransientError:
+        # Every answer to the write may have been lost although the write landed: then the run is published.
+        if not _holds(store, manifest_key, data):
+            raise
     events.info("publish.finished", destination=f"{store.uri}/{run_id}", uploaded=sent, unchanged=skipped,
                 seconds=round(time.monotonic() - started, 2))
     return manifest
 
+
+def _holds(store: LocalStorage | S3Storage, key: str, data: bytes) -> bool:
+    try:
+        return store.read_bytes(key) == data
+    except JobError:
+        return False

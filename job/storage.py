@@ -3,23 +3,44 @@
 S3 goes through boto3's transfer manager (multipart and parallel above a threshold). Endpoint, region and
 credentials come from the spec or from the standard AWS chain (env, profile, IRSA, instance role); nothing
 here reads or logs a credential.
+
+Under faults: every request is retried by botocore's `standard` retry mode (5xx, throttling with a longer backoff,
+connection errors, with a retry quota). `adaptive` mode adds a client-side rate limiter that the AWS SDK reference
+calls appropriate only for specialised cases; one job talks to one bucket, so standard's backoff is enough.
+What botocore cannot retry, because it happens after a call returned, is retried here around the whole step
+(an upload, a download, a read): a response body cut off mid-stream, a checksum that does not match after the
+transfer, a multipart upload that failed as a whole. Exhausted retries end in TransientError (exit 75);
+a missing bucket, key or permission in NotFoundError (exit 3), never retried.
+
+Checksums end to end: uploads carry S3 flexible checksums (SHA256; S3 rejects a body that does not match) and our
+own sha256 in the object metadata; every upload is checked afterwards (HEAD: size, metadata, and the stored
+SHA256 checksum, recomputed locally part by part for multipart objects); downloads and reads are checked against
+the sha256 we know. A failed multipart upload is aborted (s3transfer does it; we abort any the failure left).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
+import random
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from job import log
 from job.errors import NotFoundError, SpecError, TransientError
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
-_NOT_FOUND_CODES = {"NoSuchBucket", "NoSuchKey", "404", "AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+_NOT_FOUND_CODES = {"NoSuchBucket", "NoSuchKey", "404", "NotFound", "AccessDenied", "403", "InvalidAccessKeyId",
+                    "SignatureDoesNotMatch"}
+T = TypeVar("T")
 
 
 def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
@@ -37,8 +58,23 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 @dataclass
 class S3Settings:
+    """Where the store is (from the spec), and how hard to try: production defaults; tests shrink them."""
+
     endpoint_url: str | None = None
     region: str | None = None
+    max_attempts: int = 8  # per request, botocore's standard mode (the first try included)
+    step_attempts: int = 3  # per whole step (upload, download, read), ours, around botocore's
+    backoff_seconds: float = 1.0  # ours: full jitter over min(cap, base * 2**retry)
+    max_backoff_seconds: float = 30.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+    multipart_threshold: int = MULTIPART_THRESHOLD
+    multipart_chunksize: int = MULTIPART_THRESHOLD
+    max_concurrency: int = 8
+
+
+class ChecksumMismatch(Exception):
+    """Bytes moved but are not the bytes we meant: retried like a network error."""
 
 
 class LocalStorage:
@@ -90,9 +126,21 @@ class LocalStorage:
         tmp.write_bytes(data)
         os.replace(tmp, target)
 
-    def download_file(self, key: str, local: Path) -> None:
+    def download_file(self, key: str, local: Path, sha256: str | None = None) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self._path(key), local)
+        if sha256 and sha256_file(local) != sha256:
+            local.unlink()
+            raise TransientError(f"{self._path(key)} does not match sha256 {sha256}", hint="was it replaced meanwhile?")
+
+    def mismatch(self, key: str, local: Path, sha256: str) -> str | None:
+        """Why the stored object is not `local` (whose sha256 is given), or None if it is."""
+        target = self._path(key)
+        if not target.is_file():
+            return "missing"
+        if target.stat().st_size != local.stat().st_size:
+            return f"{target.stat().st_size} bytes stored, {local.stat().st_size} expected"
+        return None if sha256_file(target) == sha256 else "stored bytes do not match the sha256"
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -106,110 +154,217 @@ class S3Storage:
 
         self.uri = uri.rstrip("/")
         self.bucket, self.prefix = split_s3(self.uri)
+        self.settings = settings
         self.client = boto3.client(
             "s3",
             endpoint_url=settings.endpoint_url,
             region_name=settings.region,
-            config=Config(retries={"mode": "standard", "max_attempts": 8}, connect_timeout=10, read_timeout=120),
+            config=Config(
+                retries={"mode": "standard", "max_attempts": settings.max_attempts},
+                connect_timeout=settings.connect_timeout,
+                read_timeout=settings.read_timeout,
+                max_pool_connections=max(10, settings.max_concurrency + 2),
+            ),
         )
+        # "classic" is s3transfer, whose retries and abort-on-failure are the ones tested here (not the CRT client).
         self.transfer = TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD, max_concurrency=8
+            multipart_threshold=settings.multipart_threshold,
+            multipart_chunksize=settings.multipart_chunksize,
+            max_concurrency=settings.max_concurrency,
+            preferred_transfer_client="classic",
         )
+        self._composites: dict[tuple, str] = {}
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _raise(self, exc: Exception, what: str):
-        from botocore.exceptions import BotoCoreError, ClientError
+    def _where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
 
-        if isinstance(exc, ClientError):
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in _NOT_FOUND_CODES:
-                raise NotFoundError(
-                    f"{what}: {code}", hint="check the bucket name, the key and that the credentials may access it"
-                ) from exc
-            raise TransientError(f"{what}: {code or exc}") from exc
-        if isinstance(exc, BotoCoreError):
-            from botocore.exceptions import NoCredentialsError
+    def _retrying(self, what: str, step: Callable[[], T], on_failure: Callable[[], None] | None = None) -> T:
+        """Run a whole step, retrying transient failures with exponential backoff and full jitter."""
+        attempts = max(1, self.settings.step_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                return step()
+            except Exception as exc:  # noqa: BLE001 - sorted into our error kinds below
+                error = classify(exc, what)
+                if error is None:
+                    raise
+                if on_failure:
+                    on_failure()
+                if not isinstance(error, TransientError) or attempt == attempts:
+                    if error is exc:
+                        raise
+                    raise error from exc
+                delay = random.uniform(0, min(self.settings.max_backoff_seconds, self.settings.backoff_seconds * 2 ** (attempt - 1)))
+                log.get().warning("storage.retry", what=what, attempt=attempt, of=attempts, error=str(error),
+                                  delay_seconds=round(delay, 2))
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
-            if isinstance(exc, NoCredentialsError):
-                raise NotFoundError(f"{what}: no AWS credentials found", hint="set the standard AWS env or role") from exc
-            raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from exc
-        raise exc
-
-    def exists(self, key: str) -> bool:
+    def _head(self, key: str) -> dict | None:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED")
         except ClientError as exc:
             if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-                return False
-            self._raise(exc, f"s3://{self.bucket}/{self._key(key)}")
-        except Exception as exc:  # noqa: BLE001 - mapped to our error kinds
-            self._raise(exc, f"s3://{self.bucket}/{self._key(key)}")
+                return None
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self._retrying(self._where(key), lambda: self._head(key) is not None)
 
     def read_bytes(self, key: str) -> bytes:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except Exception as exc:  # noqa: BLE001
-            self._raise(exc, f"s3://{self.bucket}/{self._key(key)}")
+        def read() -> bytes:
+            # botocore checks the body against the object's stored checksum (single-part objects); we check our sha256.
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            data = response["Body"].read()
+            expected = response.get("Metadata", {}).get("sha256")
+            if expected and hashlib.sha256(data).hexdigest() != expected:
+                raise ChecksumMismatch(f"read {len(data)} bytes that do not match the object's sha256 {expected}")
+            return data
+
+        return self._retrying(self._where(key), read)
 
     def list(self, prefix: str = "") -> list[str]:
         full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
         strip = f"{self.prefix}/" if self.prefix else ""
-        keys = []
-        try:
+
+        def list_all() -> list[str]:
+            keys = []
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
                 keys.extend(obj["Key"][len(strip) :] for obj in page.get("Contents", []))
-        except Exception as exc:  # noqa: BLE001
-            self._raise(exc, f"s3://{self.bucket}/{full}")
-        return sorted(keys)
+            return sorted(keys)
 
-    def _remote_sha256(self, key: str, size: int) -> str | None:
-        from botocore.exceptions import ClientError
+        return self._retrying(f"s3://{self.bucket}/{full}", list_all)
 
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError:
-            return None
+    def _composite_sha256(self, local: Path, size: int) -> str:
+        """S3's checksum of a multipart object: sha256 over the parts' sha256 digests, with our part size."""
+        from s3transfer.utils import ChunksizeAdjuster
+
+        part = ChunksizeAdjuster().adjust_chunksize(self.transfer.multipart_chunksize, size)
+        cache_key = (str(local), size, local.stat().st_mtime_ns, part)
+        if cache_key not in self._composites:
+            digests = hashlib.sha256()
+            with open(local, "rb") as fh:
+                while block := fh.read(part):
+                    digests.update(hashlib.sha256(block).digest())
+            self._composites[cache_key] = base64.b64encode(digests.digest()).decode()
+        return self._composites[cache_key]
+
+    def _mismatch(self, head: dict | None, local: Path, sha256: str) -> str | None:
+        if head is None:
+            return "missing"
+        size = local.stat().st_size
         if head.get("ContentLength") != size:
-            return None
-        return head.get("Metadata", {}).get("sha256")
+            return f"{head.get('ContentLength')} bytes stored, {size} expected"
+        if head.get("Metadata", {}).get("sha256") != sha256:
+            return "its sha256 metadata differs"
+        stored = head.get("ChecksumSHA256")
+        if stored:
+            # S3 verified this checksum against the bytes it received; for a multipart object it covers each part.
+            stored = stored.split("-")[0]
+            full = base64.b64encode(bytes.fromhex(sha256)).decode()
+            multipart = size >= self.transfer.multipart_threshold
+            if stored != full and not (multipart and stored == self._composite_sha256(local, size)):
+                return "its stored SHA256 checksum does not match the local file"
+        return None
+
+    def mismatch(self, key: str, local: Path, sha256: str) -> str | None:
+        """Why the stored object is not `local` (whose sha256 is given), or None if it is. One HEAD."""
+        return self._retrying(self._where(key), lambda: self._mismatch(self._head(key), local, sha256))
+
+    def _abort_pending(self, key: str) -> None:
+        """Abort multipart uploads left at this key: s3transfer aborts on failure, but its abort can fail too."""
+        try:
+            pending = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self._key(key)).get("Uploads", [])
+            for upload in pending:
+                if upload["Key"] == self._key(key):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    log.get().info("storage.multipart_aborted", key=self._where(key))
+        except Exception as exc:  # noqa: BLE001 - best effort; the bucket's lifecycle rule is the backstop
+            log.get().warning("storage.multipart_abort_failed", key=self._where(key), error=type(exc).__name__)
 
     def upload_file(self, local: Path, key: str, sha256: str) -> bool:
-        if self._remote_sha256(key, local.stat().st_size) == sha256:
-            return False
-        try:
+        """Upload unless an identical object is already there, then check what the store holds.
+
+        Returns whether bytes were sent."""
+        sent = False
+
+        def upload() -> bool:
+            nonlocal sent
+            if self._mismatch(self._head(key), local, sha256) is None:
+                return sent  # already there: identical from an earlier run, or an earlier attempt landed
+            sent = True
             self.client.upload_file(
-                str(local), self.bucket, self._key(key), ExtraArgs={"Metadata": {"sha256": sha256}}, Config=self.transfer
+                str(local), self.bucket, self._key(key), Config=self.transfer,
+                ExtraArgs={"Metadata": {"sha256": sha256}, "ChecksumAlgorithm": "SHA256"},
             )
-        except Exception as exc:  # noqa: BLE001
-            self._raise(exc, f"upload to s3://{self.bucket}/{self._key(key)}")
-        return True
+            if problem := self._mismatch(self._head(key), local, sha256):
+                raise ChecksumMismatch(f"after upload, the stored object is wrong: {problem}")
+            return True
+
+        local.stat()  # a missing local file is our bug, not the store's: raise it before any retrying
+        return self._retrying(f"upload to {self._where(key)}", upload, on_failure=lambda: self._abort_pending(key))
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        try:
-            self.client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={"sha256": hashlib.sha256(data).hexdigest()}
-            )
-        except Exception as exc:  # noqa: BLE001
-            self._raise(exc, f"s3://{self.bucket}/{self._key(key)}")
+        sha256 = hashlib.sha256(data).hexdigest()
+        self._retrying(self._where(key), lambda: self.client.put_object(
+            Bucket=self.bucket, Key=self._key(key), Body=data, Metadata={"sha256": sha256}, ChecksumAlgorithm="SHA256"
+        ))
 
-    def download_file(self, key: str, local: Path) -> None:
+    def download_file(self, key: str, local: Path, sha256: str | None = None) -> None:
+        """Download and check against `sha256`, else against the sha256 in the object's metadata if it has one."""
         local.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.client.download_file(self.bucket, self._key(key), str(local), Config=self.transfer)
-        except Exception as exc:  # noqa: BLE001
-            self._raise(exc, f"s3://{self.bucket}/{self._key(key)}")
 
+        def download() -> None:
+            head = self._head(key)
+            if head is None:
+                raise NotFoundError(f"{self._where(key)}: no such object")
+            self.client.download_file(self.bucket, self._key(key), str(local), Config=self.transfer)
+            expected = sha256 or head.get("Metadata", {}).get("sha256")
+            if expected and sha256_file(local) != expected:
+                local.unlink()
+                raise ChecksumMismatch(f"downloaded bytes do not match sha256 {expected}")
+
+        self._retrying(self._where(key), download)
 
     def delete(self, key: str) -> None:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as exc:  # noqa: BLE001
-            self._raise(exc, f"delete s3://{self.bucket}/{self._key(key)}")
+        self._retrying(f"delete {self._where(key)}", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+
+
+def classify(exc: BaseException, what: str) -> NotFoundError | TransientError | None:
+    """Our error kind for a storage failure, or None for anything else (a bug, a local file problem)."""
+    import http.client
+
+    import urllib3
+    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+    from botocore import exceptions as boto
+    from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
+    from s3transfer.exceptions import S3DownloadFailedError
+
+    if isinstance(exc, (NotFoundError, TransientError)):
+        return exc
+    if isinstance(exc, S3UploadFailedError) and exc.__context__ is not None:
+        exc = exc.__context__  # boto3 wraps the ClientError in a message; the code is in the original
+    if isinstance(exc, (RetriesExceededError, TransferRetriesExceededError)):
+        exc = exc.last_exception
+    if isinstance(exc, boto.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        if code in _NOT_FOUND_CODES:
+            return NotFoundError(f"{what}: {code}", hint="check the bucket name, the key and that the credentials may access it")
+        return TransientError(f"{what}: {code or exc}: {error.get('Message', '')}".rstrip(": "))
+    if isinstance(exc, (boto.NoCredentialsError, boto.PartialCredentialsError)):
+        return NotFoundError(f"{what}: no usable AWS credentials", hint="set the standard AWS env or role")
+    transient = (boto.ConnectionError, boto.HTTPClientError, boto.IncompleteReadError, boto.FlexibleChecksumError,
+                 boto.ChecksumError, boto.CredentialRetrievalError, urllib3.exceptions.HTTPError, http.client.HTTPException,
+                 ConnectionError, TimeoutError, ChecksumMismatch, S3DownloadFailedError, S3UploadFailedError)
+    if isinstance(exc, transient):
+        return TransientError(f"{what}: {type(exc).__name__}: {exc}")
+    return None
 
 
 def open_location(uri: str, settings: S3Settings | None = None) -> LocalStorage | S3Storage:

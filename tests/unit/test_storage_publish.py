@@ -20,8 +20,8 @@ def make_staging(tmp_path, big_bytes=0):
 
 
 def test_s3_round_trip_over_http_with_multipart(tmp_path, s3_env, bucket):
-    store = S3Storage(f"s3://{bucket}/runs", S3Settings())
-    store.transfer.multipart_threshold = store.transfer.multipart_chunksize = 5 * 1024 * 1024  # S3's minimum part
+    part = 5 * 1024 * 1024  # S3's minimum part
+    store = S3Storage(f"s3://{bucket}/runs", S3Settings(multipart_threshold=part, multipart_chunksize=part))
     staging = make_staging(tmp_path, big_bytes=12 * 1024 * 1024)
     manifest = publish.publish(staging, store, "r1", {"status": "complete"})
     head = store.client.head_object(Bucket=bucket, Key="runs/r1/merged.bin")
