@@ -72,8 +72,18 @@ def run(spec_arg: str | None, sets: tuple[str, ...]) -> None:
     """Train, export, verify and publish one run."""
     environ = dict(os.environ)
     # As PID 1 in a container Python gets no default SIGTERM action: without this, preemption ends in SIGKILL.
-    # Exit 75 (transient) so Kubernetes retries; checkpointing on SIGTERM comes with the reliability issue.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(errors.EXIT_TRANSIENT))
+    # In the training loop SIGTERM asks for a stop after the current step and a checkpoint (exit 76); elsewhere
+    # it ends the run at once with exit 75, so Kubernetes retries and the retry resumes from the last checkpoint.
+    from job.train import StopRequest
+
+    stop = StopRequest()
+
+    def on_sigterm(*_):
+        stop.requested = True
+        if not stop.in_training_loop:
+            raise errors.TransientError("stopped by SIGTERM outside the training loop", hint="a rerun resumes")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     # Libraries draw tqdm bars on stderr; the run reports progress as events instead.
     os.environ.setdefault("TQDM_DISABLE", "1")
     log.setup(secrets=[environ.get(k, "") for k in SECRET_ENV])
@@ -87,7 +97,7 @@ def run(spec_arg: str | None, sets: tuple[str, ...]) -> None:
         events.info("run.started", run_id=spec.run_id, output=spec.run.output, model=spec.model.name, data=spec.data.source)
         from job import pipeline
 
-        result = pipeline.run(spec, paths_from_env(environ))
+        result = pipeline.run(spec, paths_from_env(environ), stop)
     except errors.JobError as exc:
         fail(exc)
         return

@@ -7,7 +7,8 @@
 | 2    | invalid spec, data or usage: the user must change something   | FailJob                     |
 | 3    | a model, dataset or bucket is missing or access is denied      | FailJob                     |
 | 4    | an artifact failed verification                                | FailJob                     |
-| 75   | transient infrastructure (network, throttling, preemption)     | retried                     |
+| 75   | transient infrastructure (network, throttling)                 | retried                     |
+| 76   | preempted (SIGTERM): a checkpoint was written; rerun resumes   | retried (pod disruption)    |
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ EXIT_USER = 2
 EXIT_NOT_FOUND = 3
 EXIT_VERIFICATION = 4
 EXIT_TRANSIENT = 75
+EXIT_PREEMPTED = 76
 
 EXIT_CODES = {
     EXIT_OK: "published",
@@ -26,6 +28,7 @@ EXIT_CODES = {
     EXIT_NOT_FOUND: "model, dataset or bucket missing or denied",
     EXIT_VERIFICATION: "artifact failed verification",
     EXIT_TRANSIENT: "transient infrastructure error; retry",
+    EXIT_PREEMPTED: "preempted (SIGTERM): checkpoint written; rerun with the same run id resumes",
 }
 
 
@@ -83,6 +86,13 @@ class TransientError(JobError):
 
     exit_code = EXIT_TRANSIENT
     kind = "transient"
+
+
+class Preempted(JobError):
+    """SIGTERM arrived: the current step finished and a checkpoint was written."""
+
+    exit_code = EXIT_PREEMPTED
+    kind = "preempted"
 
 
 class ToolMissingError(JobError):

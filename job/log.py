@@ -45,13 +45,14 @@ def setup(*, secrets: Iterable[str] = (), json_logs: bool | None = None, level: 
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _redactor(secret_values),
     ]
     if json_logs:
         renderer = structlog.processors.JSONRenderer()
-        shared.append(structlog.processors.dict_tracebacks)
+        # No frame locals: they hold the environment and the spec, credentials included.
+        shared.append(structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
     else:
         renderer = structlog.dev.ConsoleRenderer()
+    shared.append(_redactor(secret_values))  # last, so it also sees the rendered traceback
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

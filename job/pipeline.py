@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,8 @@ from pathlib import Path
 import structlog
 import yaml
 
-from job import backends, card, data, export, llamacpp, log, model, publish, train, verify
+from job import backends, card, checkpoint, data, export, llamacpp, log, model, plots, publish, train, verify
+from job.errors import JobError, Preempted
 from job.spec import Spec
 from job.storage import S3Settings, open_location
 
@@ -36,6 +39,12 @@ class RunResult:
 
 
 @contextlib.contextmanager
+def _current(current: dict, name: str):
+    current["stage"] = name
+    yield
+
+
+@contextlib.contextmanager
 def stage(name: str, timings: dict):
     events = log.get()
     started = time.monotonic()
@@ -46,7 +55,50 @@ def stage(name: str, timings: dict):
         events.info("stage.finished", seconds=timings[name])
 
 
-def run(spec: Spec, paths: Paths) -> RunResult:
+FAILURE = "failure.json"
+
+
+def training_fingerprint(spec: Spec) -> str:
+    """What a checkpoint depends on: a changed export or checkpoint cadence may resume it, a changed model may not."""
+    # Fields left at their defaults are left out, so a newer job with new fields still resumes an older checkpoint.
+    body = spec.model_dump(mode="json", include={"model", "lora", "data", "training"}, exclude={"model": {"token"}},
+                           exclude_defaults=True)
+    for field in ("checkpoint_every", "checkpoint_every_minutes"):
+        body.get("training", {}).pop(field, None)
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def run(spec: Spec, paths: Paths, stop: train.StopRequest | None = None) -> RunResult:
+    """One run; a failure leaves RUN_ID/failure.json (except a preemption, which leaves a checkpoint)."""
+    store = open_location(spec.run.output, S3Settings(spec.run.endpoint_url, spec.run.region))
+    store.list(f"{spec.run_id}/")  # unreachable storage fails here, before a model download or training
+    current = {"stage": "start"}
+    try:
+        return _run(spec, paths, store, stop or train.StopRequest(), current)
+    except Preempted:
+        raise
+    except Exception as exc:
+        _record_failure(store, spec.run_id, exc, current["stage"])
+        raise
+
+
+def _record_failure(store, run_id: str, exc: Exception, stage_name: str) -> None:
+    error = exc if isinstance(exc, JobError) else None
+    record = {
+        "status": "failed",
+        "error": error.kind if error else "bug",
+        "message": str(exc) if error else f"{type(exc).__name__}: {exc}",
+        "exit_code": error.exit_code if error else 1,
+        "stage": stage_name,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        store.put_bytes(f"{run_id}/{FAILURE}", json.dumps(record, indent=2).encode())
+    except Exception:  # noqa: BLE001 - the original error matters more than its record
+        log.get().warning("run.failure_not_recorded", run_id=run_id)
+
+
+def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict) -> RunResult:
     import torch
 
     # The backend is imported first: unsloth must patch transformers, trl and peft before anyone imports them.
@@ -58,34 +110,66 @@ def run(spec: Spec, paths: Paths) -> RunResult:
     log.route_library_logs()
     run_id = spec.run_id
     s3 = S3Settings(spec.run.endpoint_url, spec.run.region)
-    store = open_location(spec.run.output, s3)
+    events = log.get()
     work = paths.work_dir / run_id
     staging = work / "out"
     export.clean(staging)
     staging.mkdir(parents=True)
     timings: dict[str, float] = {}
     cuda = torch.cuda.is_available()
-    # Fail on missing tools and unreachable storage before paying for a model download or training.
-    tools = llamacpp.locate(paths.llama_cpp_dir) if spec.export.gguf else None
-    store.list(f"{run_id}/")
+    if store.exists(f"{run_id}/{publish.MANIFEST}"):
+        published = json.loads(store.read_bytes(f"{run_id}/{publish.MANIFEST}"))
+        if published.get("spec") == spec.masked():
+            # A retried pod after a complete publish (e.g. killed while exiting): nothing left to do.
+            events.info("run.already_complete", run_id=run_id, destination=f"{store.uri}/{run_id}")
+            return RunResult(run_id=run_id, destination=f"{store.uri}/{run_id}", manifest=published)
+    # Fail on missing tools before paying for a model download or training.
 
-    with stage("fetch_model", timings):
+    tools = llamacpp.locate(paths.llama_cpp_dir) if spec.export.gguf else None
+    fingerprint = training_fingerprint(spec)
+    world_size = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
+    resume = checkpoint.latest(store, run_id)
+    if resume:
+        checkpoint.check_compatible(resume, fingerprint, world_size)
+
+    with stage("fetch_model", timings), _current(current, "fetch_model"):
         fetched = model.fetch(spec.model, paths.cache_dir, s3)
+        model.check(fetched, spec.model, spec.training.max_seq_length)
         tokenizer = model.load_tokenizer(fetched.path, spec.model.trust_remote_code)
 
-    with stage("load_data", timings):
+    with stage("load_data", timings), _current(current, "load_data"):
         dataset, data_stats, template = data.prepare(spec.data, tokenizer, spec.training.max_seq_length, work, s3)
+        eval_dataset = None
+        if spec.data.eval:
+            eval_section = spec.data.model_copy(update={"source": spec.data.eval, "eval": None, "max_rows": None})
+            eval_dataset, data_stats["eval"], _ = data.prepare(eval_section, tokenizer, spec.training.max_seq_length,
+                                                                work / "eval", s3)
+        elif spec.data.eval_split:
+            parts = dataset.train_test_split(test_size=spec.data.eval_split, seed=spec.training.seed)
+            dataset, eval_dataset = parts["train"], parts["test"]
+            data_stats["eval"] = {"rows": len(eval_dataset), "from": "data.eval_split"}
 
-    with stage("train", timings):
+    with stage("train", timings), _current(current, "train"):
         peft_model, _, info = backend.load_for_training(fetched.path, spec.model, spec.lora, spec.training)
-        result = train.run(peft_model, tokenizer, dataset, spec.training, work, info)
+        plan = train.CheckpointPlan(
+            every_steps=spec.training.checkpoint_every,
+            every_minutes=spec.training.checkpoint_every_minutes,
+            save=lambda folder, step: checkpoint.upload(
+                store, run_id, folder, step, {"fingerprint": fingerprint, "world_size": world_size}),
+            resume_from=checkpoint.download(store, resume, work / "resume" / f"checkpoint-{resume.step}") if resume else None,
+        )
+        if resume:
+            events.info("train.resuming", step=resume.step, checkpoint=f"{store.uri}/{resume.key}")
+        tensorboard_dir = staging / "tensorboard" if "tensorboard" in spec.logging.report_to else None
+        result = train.run(peft_model, tokenizer, dataset, spec.training, work, info, checkpoints=plan, stop=stop,
+                           eval_dataset=eval_dataset, report_to=spec.logging.report_to, logging_dir=tensorboard_dir)
         backend.for_inference(peft_model)
         report = verify.ProbeReport(spec.export.probes)
         report.base, report.adapter = verify.answer_with_adapter(
             peft_model, tokenizer, spec.export.probes, spec.export.probe_max_new_tokens
         )
 
-    with stage("export", timings):
+    with stage("export", timings), _current(current, "export"):
         exported = export.Exported(adapter_dir=export.save_adapter(peft_model, tokenizer, staging))
         del peft_model
         gc.collect()
@@ -100,7 +184,7 @@ def run(spec: Spec, paths: Paths) -> RunResult:
             system = card.default_system(tokenizer, family)
             (staging / "gguf" / "Modelfile").write_text(card.modelfile(first, family, system))
 
-    with stage("verify", timings):
+    with stage("verify", timings), _current(current, "verify"):
         if exported.merged_dir:
             probes, limit, trust = spec.export.probes, spec.export.probe_max_new_tokens, spec.model.trust_remote_code
             report.adapter_on_16bit_base = verify.answer_with_checkpoint(fetched.path, probes, limit, trust, exported.adapter_dir)
@@ -109,13 +193,14 @@ def run(spec: Spec, paths: Paths) -> RunResult:
             report.gguf[qtype] = verify.answer_with_gguf(tools, path, tokenizer, spec.export.probes, spec.export.probe_max_new_tokens)
         verify.check(report, tokenizer)
 
-    with stage("publish", timings):
+    with stage("publish", timings), _current(current, "publish"):
         body = {
             "status": "complete",
             "spec": spec.masked(),
             "model": {"source": fetched.source, "description": fetched.description, "trust_remote_code": spec.model.trust_remote_code},
             "data": data_stats,
             "training": {**info, "steps": result.steps, "first_loss": result.first_loss, "final_loss": result.final_loss,
+                         "final_eval_loss": result.final_eval_loss, "resumed_from_step": resume.step if resume else None,
                          "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
                          "peak_gpu_memory_gib": result.peak_gpu_memory_gib},
             "export": {"merge_method": exported.merge_method, "gguf_types": list(exported.gguf),
@@ -126,9 +211,13 @@ def run(spec: Spec, paths: Paths) -> RunResult:
             "timings_seconds": timings,
         }
         (staging / "metrics.jsonl").write_bytes(result.metrics_path.read_bytes())
+        plots.loss_curve(staging / "metrics.jsonl", staging / "loss.png")
         (staging / "spec.yaml").write_text(yaml.safe_dump(spec.masked(), sort_keys=False))
         files = [p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()]
         (staging / "README.md").write_text(card.model_card({**body, "run_id": run_id}, files))
         manifest = publish.publish(staging, store, run_id, body)
+        # Complete: the checkpoints and an earlier attempt's failure record have served their purpose.
+        checkpoint.remove_all(store, run_id)
+        store.delete(f"{run_id}/{FAILURE}")
 
     return RunResult(run_id=run_id, destination=f"{store.uri}/{run_id}", manifest=manifest)

@@ -12,7 +12,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job import log
+from job.errors import Preempted, VerificationError
 from job.spec import TrainingSection
+
+
+class StopRequest:
+    """Set by the SIGTERM handler in cli.py. While the training loop runs it only asks for a stop, which the loop
+    honours after the current step (then writes a checkpoint); outside the loop the handler ends the run at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.in_training_loop = False
+
+
+@dataclass
+class CheckpointPlan:
+    """Where and when checkpoints go: `save(local_dir, step)` uploads one, `resume_from` is a downloaded one."""
+
+    every_steps: int | None
+    every_minutes: float | None
+    save: object  # Callable[[Path, int], None]
+    resume_from: Path | None = None
 
 
 @dataclass
@@ -24,9 +44,11 @@ class TrainResult:
     tokens_per_second: float | None
     peak_gpu_memory_gib: float | None
     metrics_path: Path
+    final_eval_loss: float | None = None
 
 
-def sft_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, use_cpu: bool, backend: str):
+def sft_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, use_cpu: bool, backend: str,
+               evaluate: bool = False, report_to: list[str] | None = None):
     from trl import SFTConfig
 
     return SFTConfig(
@@ -45,8 +67,14 @@ def sft_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, 
         num_train_epochs=training.num_epochs,
         logging_steps=training.logging_steps,
         logging_first_step=True,
+        # Checkpoints are asked for by our callback (steps, minutes, SIGTERM) and uploaded from on_save.
         save_strategy="no",
-        report_to=[],
+        save_only_model=False,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=training.eval_every if evaluate else None,
+        per_device_eval_batch_size=training.batch_size,
+        # TensorBoard is attached by run() with a writer for the run's own folder (its callback reads a global env var).
+        report_to=[name for name in report_to or [] if name != "tensorboard"],
         max_length=training.max_seq_length,
         packing=training.packing,
         padding_free=False,
@@ -75,10 +103,19 @@ def _events_callback(metrics_path: Path, started: float):
         def __init__(self):
             self.last_tokens, self.last_time = 0, started
             self.losses: list[float] = []
+            self.eval_losses: list[float] = []
             self.tps: list[float] = []
+            self.logged_here = 0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
+            if "eval_loss" in logs:
+                record = {"step": state.global_step, "eval_loss": logs["eval_loss"]}
+                self.eval_losses.append(float(logs["eval_loss"]))
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                events.info("train.eval", **record)
+                return
             if "loss" not in logs:
                 return
             now = time.monotonic()
@@ -99,8 +136,9 @@ def _events_callback(metrics_path: Path, started: float):
             if torch.cuda.is_available():
                 record["gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             self.losses.append(float(record["loss"]))
-            if state.global_step > 1:
+            if self.logged_here:  # the first step of a process includes its warm-up
                 self.tps.append(rate)
+            self.logged_here += 1
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             events.info("train.step", **record)
@@ -123,25 +161,112 @@ def _LeanSFTTrainer():
     return LeanSFTTrainer
 
 
-def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, info: dict) -> TrainResult:
+def _checkpoint_callback(plan: CheckpointPlan, stop: StopRequest, metrics_path: Path):
+    import shutil
+
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    events = log.get()
+
+    class Checkpointing(TrainerCallback):
+        def __init__(self):
+            self.last_save = time.monotonic()
+
+        def _stop_everywhere(self) -> bool:
+            # Every rank must stop after the same step, or the others hang in their next collective.
+            if not (dist.is_available() and dist.is_initialized()):
+                return stop.requested
+            import torch
+
+            flag = torch.tensor([1.0 if stop.requested else 0.0], device="cuda" if torch.cuda.is_available() else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self._stop_everywhere():
+                events.warning("train.stop_requested", step=state.global_step, reason="SIGTERM")
+                control.should_save = True
+                control.should_training_stop = True
+                return
+            if state.global_step >= state.max_steps:
+                return  # the final adapter is published anyway
+            by_steps = plan.every_steps and state.global_step % plan.every_steps == 0
+            by_time = plan.every_minutes and time.monotonic() - self.last_save >= plan.every_minutes * 60
+            if by_steps or by_time:
+                control.should_save = True
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last_save = time.monotonic()
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero:
+                shutil.copyfile(metrics_path, folder / "metrics.jsonl")
+                plan.save(folder, state.global_step)
+                shutil.rmtree(folder, ignore_errors=True)
+
+    return Checkpointing()
+
+
+def _restore_metrics(resume_from: Path, metrics_path: Path, callback) -> None:
+    """Carry the interrupted attempt's metrics up to the checkpoint, so the run's record has every step once."""
+    saved = resume_from / "metrics.jsonl"
+    if not saved.exists():
+        return
+    metrics_path.write_bytes(saved.read_bytes())
+    for line in saved.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            callback.losses.append(float(record["loss"]))
+        if "eval_loss" in record:
+            callback.eval_losses.append(float(record["eval_loss"]))
+
+
+def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, info: dict, *,
+        checkpoints: CheckpointPlan | None = None, stop: StopRequest | None = None, eval_dataset=None,
+        report_to: list[str] | None = None, logging_dir: Path | None = None) -> TrainResult:
     import torch
     from transformers import PrinterCallback
 
     events = log.get()
+    stop = stop or StopRequest()
     metrics_path = work_dir / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
     config = sft_config(
-        training, work_dir / "trainer", dtype_name=info["dtype"], use_cpu=not torch.cuda.is_available(), backend=info["backend"]
+        training, work_dir / "trainer", dtype_name=info["dtype"], use_cpu=not torch.cuda.is_available(),
+        backend=info["backend"], evaluate=eval_dataset is not None and training.eval_every is not None, report_to=report_to,
     )
     started = time.monotonic()
     callback = _events_callback(metrics_path, started)
-    trainer = _LeanSFTTrainer()(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
+    callbacks = [callback]
+    resume_from = checkpoints.resume_from if checkpoints else None
+    if checkpoints:
+        callbacks.append(_checkpoint_callback(checkpoints, stop, metrics_path))
+    if resume_from:
+        _restore_metrics(resume_from, metrics_path, callback)
+    if logging_dir:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(logging_dir))))
+    trainer = _LeanSFTTrainer()(model=model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
+                                processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; our callback emits events instead
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     events.info("train.started", rows=len(dataset), max_steps=training.max_steps, epochs=training.num_epochs,
-                batch_size=training.batch_size, gradient_accumulation_steps=training.gradient_accumulation_steps, **info)
-    trainer.train()
+                batch_size=training.batch_size, gradient_accumulation_steps=training.gradient_accumulation_steps,
+                resumed_from_step=int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else None, **info)
+    stop.in_training_loop = True
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        stop.in_training_loop = False
+    if stop.requested:
+        raise Preempted(f"stopped by SIGTERM after step {trainer.state.global_step}; the checkpoint is saved",
+                        hint="run again with the same run id to resume")
+    evaluated_last_step = callback.eval_losses and training.eval_every and trainer.state.global_step % training.eval_every == 0
+    if eval_dataset is not None and not evaluated_last_step:
+        trainer.evaluate()  # the manifest's eval loss is the final model's
     seconds = time.monotonic() - started
     losses = callback.losses
     tps = sorted(callback.tps)
@@ -153,12 +278,11 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
         tokens_per_second=round(tps[len(tps) // 2], 1) if tps else None,
         peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
         metrics_path=metrics_path,
+        final_eval_loss=callback.eval_losses[-1] if callback.eval_losses else None,
     )
     if result.final_loss is not None and not math.isfinite(result.final_loss):
-        from job.errors import VerificationError
-
         raise VerificationError(f"training diverged: final loss {result.final_loss}", hint="lower training.learning_rate")
     events.info("train.finished", steps=result.steps, first_loss=result.first_loss, final_loss=result.final_loss,
-                seconds=result.seconds, tokens_per_second=result.tokens_per_second,
-                peak_gpu_memory_gib=result.peak_gpu_memory_gib)
+                final_eval_loss=result.final_eval_loss, seconds=result.seconds,
+                tokens_per_second=result.tokens_per_second, peak_gpu_memory_gib=result.peak_gpu_memory_gib)
     return result

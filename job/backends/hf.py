@@ -67,6 +67,10 @@ def load_for_training(path: Path, model: ModelSection, lora: LoraSection, traini
     elif training.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
+    # LoRA's A matrices start random: seed them, or the same spec trains a different adapter every time.
+    from transformers import set_seed
+
+    set_seed(training.seed)
     peft_model = get_peft_model(base, lora_config(lora, training.seed))
     tokenizer = load_tokenizer(path, model.trust_remote_code)
     info = {"backend": "hf", "precision": mode, "dtype": str(dtype).removeprefix("torch.")}

@@ -109,7 +109,7 @@ def test_spec_from_s3(s3_env, bucket):
 def test_schema_lists_every_section():
     result = CliRunner().invoke(cli.main, ["schema"])
     schema = json.loads(result.output)
-    assert set(schema["properties"]) == {"run", "model", "lora", "data", "training", "export"}
+    assert set(schema["properties"]) == {"run", "model", "lora", "data", "training", "export", "logging"}
 
 
 def test_every_example_spec_validates():

@@ -1,0 +1,147 @@
+"""Preemption: kill a real training run at a random step (SIGTERM, then SIGKILL), restart it with the same run id,
+and check it resumes from its last complete checkpoint and ends with the adapter an uninterrupted run makes."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.smoke, pytest.mark.slow]
+STEPS, EVERY = 8, 2
+SHORT_RUN = [
+    f"training.max_steps={STEPS}", f"training.checkpoint_every={EVERY}", "training.batch_size=4",
+    "export.merged=false", "export.gguf=[]", "export.probes=[]",
+]
+
+
+def start(tmp_path: Path, output: str, env_extra: dict | None = None) -> subprocess.Popen:
+    args = [sys.executable, "-m", "job.cli", "run", "--spec", str(REPO / "examples" / "smoke.yaml"),
+            "--set", f"run.output={output}"]
+    for item in SHORT_RUN:
+        args += ["--set", item]
+    env = {**os.environ, **(env_extra or {}), "JOB_WORK_DIR": str(tmp_path / "work"), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def events_until(proc: subprocess.Popen, step: int | None = None) -> list[dict]:
+    """Read events; with `step`, stop reading (leaving the process running) once that step has been logged."""
+    seen = []
+    for line in proc.stdout:
+        event = json.loads(line)
+        seen.append(event)
+        if step is not None and event["event"] == "train.step" and event["step"] >= step:
+            return seen
+    return seen
+
+
+def finish(proc: subprocess.Popen, seen: list[dict]) -> tuple[int, list[dict], str]:
+    seen = seen + events_until(proc)
+    stderr = proc.stderr.read()
+    return proc.wait(timeout=600), seen, stderr
+
+
+def adapter_tensors(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def steps_trained(events: list[dict]) -> list[int]:
+    return [e["step"] for e in events if e["event"] == "train.step"]
+
+
+def assert_same_adapter(got: dict, want: dict) -> None:
+    import torch
+
+    assert got.keys() == want.keys()
+    for name in want:
+        # Same seed, same data order, RNG states restored: only float reassociation may differ.
+        assert torch.allclose(got[name], want[name], rtol=1e-3, atol=1e-5), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    code, events, stderr = finish(proc := start(tmp, str(tmp / "runs")), [])
+    assert code == 0, stderr[-3000:]
+    assert steps_trained(events) == list(range(1, STEPS + 1))
+    return adapter_tensors(tmp / "runs" / "smoke"), json.loads((tmp / "runs" / "smoke" / "manifest.json").read_text())
+
+
+def test_sigterm_checkpoints_exits_76_and_resumes_to_the_same_adapter(tmp_path, uninterrupted):
+    want, _ = uninterrupted
+    kill_at = random.Random().randint(1, STEPS - 2)
+    print(f"SIGTERM after step {kill_at}")
+    output = tmp_path / "runs"
+    proc = start(tmp_path, str(output))
+    seen = events_until(proc, kill_at)
+    proc.send_signal(signal.SIGTERM)
+    code, first, stderr = finish(proc, seen)
+    assert code == 76, stderr[-3000:]
+    stopped_at = steps_trained(first)[-1]
+    assert stopped_at in (kill_at, kill_at + 1)  # the step under way is finished, not abandoned
+    assert any(e["event"] == "train.stop_requested" for e in first)
+    saved = [e for e in first if e["event"] == "checkpoint.saved"]
+    assert saved[-1]["step"] == stopped_at  # SIGTERM's own checkpoint
+    assert not (output / "smoke" / "manifest.json").exists()
+
+    code, second, stderr = finish(start(tmp_path, str(output)), [])
+    assert code == 0, stderr[-3000:]
+    resumed = next(e for e in second if e["event"] == "train.resuming")
+    assert resumed["step"] == stopped_at
+    assert steps_trained(second) == list(range(stopped_at + 1, STEPS + 1))  # no step repeated
+    run_dir = output / "smoke"
+    assert_same_adapter(adapter_tensors(run_dir), want)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["training"]["resumed_from_step"] == stopped_at
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))  # the run's record has every step once
+    assert not [p for p in run_dir.rglob("*") if "checkpoints" in p.parts and p.is_file()]  # cleaned up when complete
+
+
+def test_sigkill_resumes_from_the_last_complete_checkpoint_in_s3(tmp_path, s3_env, bucket, uninterrupted):
+    want, _ = uninterrupted
+    kill_at = random.Random().randint(EVERY + 1, STEPS - 1)
+    print(f"SIGKILL after step {kill_at}")
+    output = f"s3://{bucket}/runs"
+    proc = start(tmp_path, output)
+    seen = events_until(proc, kill_at)
+    proc.kill()
+    code, first, _ = finish(proc, seen)
+    assert code == -signal.SIGKILL
+    last_saved = max(e["step"] for e in first if e["event"] == "checkpoint.saved")
+
+    code, second, stderr = finish(start(tmp_path, output), [])
+    assert code == 0, stderr[-3000:]
+    resumed = next(e for e in second if e["event"] == "train.resuming")
+    assert resumed["step"] >= last_saved  # the newest complete checkpoint, or one that finished uploading after
+    repeated = steps_trained(first)[-1] - resumed["step"]
+    assert 0 <= repeated <= EVERY
+    import boto3
+
+    client = boto3.client("s3")
+    body = client.get_object(Bucket=bucket, Key="runs/smoke/adapter/adapter_model.safetensors")["Body"].read()
+    (tmp_path / "got" / "adapter").mkdir(parents=True)
+    (tmp_path / "got" / "adapter" / "adapter_model.safetensors").write_bytes(body)
+    assert_same_adapter(adapter_tensors(tmp_path / "got"), want)
+    left = client.list_objects_v2(Bucket=bucket, Prefix="runs/smoke/checkpoints/").get("KeyCount", 0)
+    assert left == 0
+
+
+def test_a_restart_of_a_complete_run_publishes_nothing_new(tmp_path, uninterrupted):
+    _, manifest = uninterrupted
+    output = tmp_path / "runs"
+    (output / "smoke").mkdir(parents=True)
+    manifest["spec"]["run"]["output"] = str(output)  # the same spec, pointed at this test's output
+    (output / "smoke" / "manifest.json").write_text(json.dumps(manifest))
+    code, events, stderr = finish(start(tmp_path, str(output)), [])
+    assert code == 0, stderr[-3000:]
+    assert any(e["event"] == "run.already_complete" for e in events)
+    assert not steps_trained(events)
