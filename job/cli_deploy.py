@@ -1,4 +1,4 @@
-"""`job k8s render` and `job launch runpod|lambda`: thin commands over job.k8s and job.launch.
+"""`job k8s render` and `job launch runpod|lambda|skypilot|torchrun`: thin commands over job.k8s and job.launch.
 
 Registered on the main group in job/cli.py with `main.add_command(k8s)` and `main.add_command(launch)`.
 API keys come from the environment only (RUNPOD_API_KEY, LAMBDA_API_KEY) and are never printed.
@@ -73,11 +73,22 @@ def k8s() -> None:
 @click.option("--run-id", help="Base run id; default: run.id of the spec, or one derived from it.")
 @click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
               help="Extra container env, e.g. AWS_REGION=eu-west-1 or AWS_ROLE_ARN=... (GKE).")
-def render(spec: str, sweeps, sets, overlay, image, namespace, run_id, env_pairs) -> None:
+@click.option("--nodes", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Hosts per run: above 1, an Indexed Job with a headless Service, torchrun over c10d.")
+@click.option("--gpus-per-node", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="GPUs (training processes) per host; above 1 the run goes under torchrun.")
+@click.option("--format", "fmt", type=click.Choice(k8s_lib.FORMATS), default="job", show_default=True,
+              help="job: batch/v1 Jobs; trainjob: Kubeflow Trainer TrainJobs.")
+@click.option("--runtime", default=k8s_lib.TRAINER_RUNTIME, show_default=True,
+              help="TrainJob only: the ClusterTrainingRuntime to run on (job-torch: k8s/trainer/).")
+@click.option("--cluster-domain", default=k8s_lib.CLUSTER_DOMAIN, show_default=True,
+              help="The cluster's DNS domain, in the rendezvous address of pod 0.")
+def render(spec: str, sweeps, sets, overlay, image, namespace, run_id, env_pairs, nodes, gpus_per_node,
+           fmt, runtime, cluster_domain) -> None:
     """Print a Job (and a ConfigMap with the spec) per experiment, for `kubectl apply -f -`.
 
     SPEC is a local YAML file, which travels in a ConfigMap, or an s3:// or https:// URI that
-    the Job reads itself.
+    the Job reads itself. --nodes and --gpus-per-node spread each run over several GPUs and hosts.
     """
     text = None
     if not k8s_lib.is_remote(spec):
@@ -88,7 +99,8 @@ def render(spec: str, sweeps, sets, overlay, image, namespace, run_id, env_pairs
     try:
         docs = k8s_lib.render(spec, spec_text=text, overlay=overlay, sweeps=list(sweeps),
                               sets=list(sets), image=image, namespace=namespace, run_id=run_id,
-                              env=_env_pairs(env_pairs, ()))
+                              env=_env_pairs(env_pairs, ()), layout=k8s_lib.Layout(nodes, gpus_per_node),
+                              fmt=fmt, runtime=runtime, cluster_domain=cluster_domain)
     except k8s_lib.RenderError as e:
         raise click.UsageError(str(e)) from None
     click.echo(k8s_lib.dump(docs), nl=False)
@@ -96,7 +108,7 @@ def render(spec: str, sweeps, sets, overlay, image, namespace, run_id, env_pairs
 
 @click.group()
 def launch() -> None:
-    """Start the job image on RunPod or Lambda Cloud."""
+    """Start the job image on RunPod or Lambda Cloud, describe it for SkyPilot, or run it under torchrun."""
 
 
 _common = [
@@ -177,3 +189,49 @@ def lambda_(spec_uri, image, name, sets, env_pairs, pass_env, instance_type, reg
     except launch_lib.LaunchError as e:
         raise _launch_failed("Lambda Cloud", e) from None
     click.echo(instance_id)
+
+
+@launch.command("skypilot")
+@_with_common
+@click.option("--accelerators", "accelerators", multiple=True, required=True, metavar="TYPE:COUNT",
+              help="GPUs per node, e.g. H100:8; repeat to allow several, in order of preference.")
+@click.option("--nodes", default=1, show_default=True, type=click.IntRange(1, 256), help="Hosts.")
+@click.option("--spot/--on-demand", default=False, help="Spot instances; SkyPilot recovers preempted runs.")
+@click.option("--infra", help="Where to run, in SkyPilot's terms, e.g. aws, gcp/us-central1, runpod, lambda.")
+@click.option("--disk-gb", type=click.IntRange(50, 10000), help="Disk per node (model cache and scratch).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
+              help="Write the task YAML here instead of to stdout.")
+def skypilot(spec_uri, image, name, sets, env_pairs, pass_env, accelerators, nodes, spot, infra, disk_gb,
+             output) -> None:
+    """Print a SkyPilot task that runs SPEC_URI on --nodes hosts; launch it with `sky jobs launch`.
+
+    --pass-env NAME becomes a secret reference whose value `sky jobs launch --secret NAME` reads from
+    your shell: no value is written into the task.
+    """
+    for secret in pass_env:
+        if not _ENV_NAME.match(secret):
+            raise click.BadParameter(f"{secret!r} is not an environment variable name", param_hint="--pass-env")
+    try:
+        task = launch_lib.skypilot_task(
+            name=name or _default_name(spec_uri), image=image, accelerators=list(accelerators),
+            env=_job_env(spec_uri, sets, env_pairs, ()), secrets=list(pass_env), nodes=nodes,
+            use_spot=spot, infra=infra, disk_gb=disk_gb)
+    except launch_lib.LaunchError as e:
+        raise click.UsageError(str(e)) from None
+    text = k8s_lib.dump([task])
+    if output:
+        Path(output).write_text(text)
+    else:
+        click.echo(text, nl=False)
+
+
+@launch.command("torchrun", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("torchrun_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def torchrun(ctx: click.Context, torchrun_args: tuple[str, ...]) -> None:
+    """torchrun TORCHRUN_ARGS, exiting with the first failed worker's exit code (torchrun's own is 1).
+
+    What the Kubernetes and SkyPilot renderings start on each host, e.g.
+    `job launch torchrun --standalone --nproc-per-node 8 -m job.cli run`.
+    """
+    ctx.exit(launch_lib.torchrun(list(torchrun_args)))

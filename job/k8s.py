@@ -3,6 +3,12 @@
 The Job is written once, in k8s/base/job.yaml; an overlay's job-patch.yaml is merged over it the
 way kustomize merges a strategic merge patch, so `job k8s render` and `kubectl kustomize` give the
 same Job (tests/deploy checks that). Everything here is pure: data in, manifests out.
+
+Several GPUs or hosts: the same Job runs `job launch torchrun` (torchrun that keeps the worker's exit
+code, so podFailurePolicy still sees 2, 3 and 4). On several hosts it becomes an Indexed Job with a
+headless Service (k8s/distributed/) through which every pod reaches pod 0's c10d rendezvous. The
+same run can instead be a Kubeflow Trainer TrainJob, built from that Job so that placement, security
+context and env cannot drift apart.
 """
 
 from __future__ import annotations
@@ -18,8 +24,19 @@ from typing import Any
 import yaml
 
 OVERLAYS = ("gke", "eks")
+FORMATS = ("job", "trainjob")
 SPEC_KEY = "spec.yaml"
 CONTAINER = "train"
+RDZV_PORT = 29500
+# A GPU node pool scaling up from zero takes minutes per node: wait that long for every pod to join.
+RDZV_JOIN_TIMEOUT_S = 1800
+CLUSTER_DOMAIN = "cluster.local"
+# Kubeflow Trainer: the runtime every install ships, and the container its torch plugin configures.
+TRAINER_RUNTIME = "torch-distributed"
+TRAINER_CONTAINER = "node"
+TRAINER_API = "trainer.kubeflow.org/v1alpha1"
+_RFC1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_QUANTITY = re.compile(r"^(\d+)([A-Za-z]*)$")
 MAX_NAME = 63  # a Job's name is also the value of its pods' job-name label
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _REMOTE = ("s3://", "https://", "http://")
@@ -36,6 +53,22 @@ class RenderError(ValueError):
 class Experiment:
     run_id: str
     overrides: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How many hosts a run spans and how many GPUs (one training process each) it uses on each."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise RenderError("--nodes and --gpus-per-node must be at least 1")
+
+    @property
+    def distributed(self) -> bool:
+        return self.nodes > 1 or self.gpus_per_node > 1
 
 
 def manifest_dir() -> Path:
@@ -99,7 +132,7 @@ def override_env_name(key: str) -> str:
 
 
 def experiments(base_id: str, sweeps: list[tuple[str, list[str]]],
-                fixed: dict[str, str] | None = None) -> list[Experiment]:
+                fixed: dict[str, str] | None = None, limit: int = MAX_NAME) -> list[Experiment]:
     """The cartesian product of the sweeps; each point gets its own run id."""
     fixed = dict(fixed or {})
     keys = [k for k, _ in sweeps]
@@ -111,7 +144,7 @@ def experiments(base_id: str, sweeps: list[tuple[str, list[str]]],
     for values in itertools.product(*(vals for _, vals in sweeps)):
         point = dict(zip(keys, values))
         suffix = _short_hash(json.dumps(point, sort_keys=True))
-        run_id = f"{base_id[: MAX_NAME - len(suffix) - 1].rstrip('-')}-{suffix}"
+        run_id = f"{base_id[: limit - len(suffix) - 1].rstrip('-')}-{suffix}"
         out.append(Experiment(run_id, {**fixed, **point}))
     return out
 
@@ -195,15 +228,159 @@ def spec_configmap(name: str, namespace: str, text: str, run_id: str) -> dict:
     }
 
 
+def _scale(quantity: str, factor: int) -> str:
+    """'32Gi' x 8 -> '256Gi': the base Job's requests are per GPU."""
+    match = _QUANTITY.match(str(quantity))
+    if not match:
+        raise RenderError(f"cannot scale the quantity {quantity!r} of k8s/base/job.yaml by the GPU count")
+    return f"{int(match[1]) * factor}{match[2]}"
+
+
+def scale_to_gpus(job: dict, gpus: int) -> dict:
+    """The Job with its GPUs, CPU, memory and /dev/shm multiplied for `gpus` training processes."""
+    job = json.loads(json.dumps(job))
+    resources = _container(job)["resources"]
+    for bound in ("requests", "limits"):
+        for name in ("cpu", "memory"):
+            resources[bound][name] = _scale(resources[bound][name], gpus)
+        resources[bound]["nvidia.com/gpu"] = str(gpus)
+    for volume in job["spec"]["template"]["spec"]["volumes"]:
+        if volume["name"] == "dshm":  # NCCL and data loader workers of every process share it
+            volume["emptyDir"]["sizeLimit"] = _scale(volume["emptyDir"]["sizeLimit"], gpus)
+    return job
+
+
+def torchrun_args(layout: Layout, *, rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> list[str]:
+    """Arguments to the image's `job` entrypoint: one process per GPU under `job launch torchrun`.
+
+    One host: a standalone rendezvous on the pod itself. Several: c10d at rdzv_endpoint, the store
+    hosted by the pod whose name that endpoint resolves to.
+    """
+    args = ["launch", "torchrun", "--nnodes", str(layout.nodes), "--nproc-per-node", str(layout.gpus_per_node)]
+    if layout.nodes == 1:
+        args.append("--standalone")
+    else:
+        args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", str(rdzv_endpoint), "--rdzv-id", str(rdzv_id),
+                 "--rdzv-conf", f"join_timeout={RDZV_JOIN_TIMEOUT_S}"]
+    return args + ["-m", "job.cli", "run"]
+
+
+def rendezvous_endpoint(name: str, namespace: str, cluster_domain: str = CLUSTER_DOMAIN) -> str:
+    """Pod 0 of the Indexed Job `name` through the headless Service of the same name.
+
+    The full name is what pod 0 finds in its own /etc/hosts, so torchrun there knows at once that it
+    hosts the store, even before the cluster DNS has its record.
+    """
+    return f"{name}-0.{name}.{namespace}.svc.{cluster_domain}:{RDZV_PORT}"
+
+
+def distribute(job: dict, layout: Layout, *, cluster_domain: str = CLUSTER_DOMAIN) -> dict:
+    """The Job for its layout: unchanged for one GPU; `job launch torchrun` for several; for several
+    hosts an Indexed Job (one pod per host) whose pods meet at pod 0 through the headless Service."""
+    if not layout.distributed:
+        return job
+    job = scale_to_gpus(job, layout.gpus_per_node)
+    container = _container(job)
+    if layout.nodes == 1:
+        container["args"] = torchrun_args(layout)
+        return job
+    name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
+    spec = job["spec"]
+    template = spec.pop("template")
+    spec.update({
+        "completionMode": "Indexed",
+        "completions": layout.nodes,
+        "parallelism": layout.nodes,
+        # One pod per index at a time: a replacement starts once the old pod has finished its
+        # checkpoint, and never shares its host name with it. (Required with podFailurePolicy.)
+        "podReplacementPolicy": "Failed",
+        # Losing pod 0 ends the rendezvous of every other pod: each may fail once per disruption.
+        "backoffLimit": spec["backoffLimit"] * layout.nodes,
+        "template": template,
+    })
+    template["spec"]["subdomain"] = name
+    container["args"] = torchrun_args(layout, rdzv_endpoint=rendezvous_endpoint(name, namespace, cluster_domain),
+                                      rdzv_id=name)
+    return job
+
+
+def peer_manifests(name: str, namespace: str, root: Path | None = None) -> list[dict]:
+    """The headless Service that names pod 0, and the NetworkPolicy that lets the run's pods reach each other."""
+    directory = (root or manifest_dir()) / "distributed"
+    instance = {"app.kubernetes.io/instance": name}
+    service = _read_yaml(directory / "service.yaml")
+    service["metadata"].update(name=name, namespace=namespace)
+    service["metadata"]["labels"].update(instance)
+    service["spec"]["selector"].update(instance)
+    policy = _read_yaml(directory / "networkpolicy.yaml")
+    policy["metadata"].update(name=f"{name}-peers", namespace=namespace)
+    policy["metadata"]["labels"].update(instance)
+    policy["spec"]["podSelector"]["matchLabels"].update(instance)
+    for rule in policy["spec"]["ingress"]:
+        for peer in rule["from"]:
+            peer["podSelector"]["matchLabels"].update(instance)
+    return [policy, service]
+
+
+def trainjob_manifest(job: dict, layout: Layout, runtime: str = TRAINER_RUNTIME) -> dict:
+    """A Kubeflow Trainer TrainJob that runs what `job` (one experiment's Job) runs, on layout.
+
+    The runtime's torch plugin hands torchrun the node count, rank and master address (PET_* env);
+    everything else (image, env, resources per node, placement, security context, volumes) comes
+    from the Job, patched onto the runtime's `node` container.
+    """
+    name = job["metadata"]["name"]
+    if not _RFC1035.match(name):
+        raise RenderError(f"a TrainJob's name must start with a letter; {name!r} does not (pass --run-id)")
+    job = scale_to_gpus(job, layout.gpus_per_node)
+    template = job["spec"]["template"]
+    pod = template["spec"]
+    container = _container(job)
+    pod_patch = {key: pod[key] for key in ("serviceAccountName", "terminationGracePeriodSeconds", "securityContext",
+                                           "nodeSelector", "tolerations", "volumes") if key in pod}
+    pod_patch["containers"] = [{"name": TRAINER_CONTAINER, "securityContext": container["securityContext"],
+                                "volumeMounts": container["volumeMounts"]}]
+    node_patch = {"name": TRAINER_CONTAINER,
+                  "template": {"spec": {"template": {"metadata": {"labels": template["metadata"]["labels"]},
+                                                     "spec": pod_patch}}}}
+    return {
+        "apiVersion": TRAINER_API,
+        "kind": "TrainJob",
+        "metadata": {key: job["metadata"][key] for key in ("name", "namespace", "labels")},
+        "spec": {
+            "runtimeRef": {"name": runtime},
+            "activeDeadlineSeconds": job["spec"]["activeDeadlineSeconds"],
+            "trainer": {
+                "image": container["image"],
+                "command": ["job", "launch", "torchrun", "-m", "job.cli", "run"],
+                "numNodes": layout.nodes,
+                "numProcPerNode": layout.gpus_per_node,
+                "resourcesPerNode": container["resources"],
+                "env": container["env"],
+            },
+            "runtimePatches": [{
+                "manager": "job-cli",
+                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [node_patch]}}},
+            }],
+        },
+    }
+
+
 def render(spec_ref: str, *, spec_text: str | None = None, overlay: str | None = None,
            sweeps: list[str] = (), sets: list[str] = (), image: str | None = None,
            namespace: str | None = None, run_id: str | None = None,
-           env: dict[str, str] | None = None, root: Path | None = None) -> list[dict]:
-    """The ingress-denying NetworkPolicy, then per experiment a ConfigMap holding a local spec and its Job.
+           env: dict[str, str] | None = None, layout: Layout = Layout(), fmt: str = "job",
+           runtime: str = TRAINER_RUNTIME, cluster_domain: str = CLUSTER_DOMAIN,
+           root: Path | None = None) -> list[dict]:
+    """The ingress-denying NetworkPolicy, then per experiment a ConfigMap holding a local spec and its
+    Job (fmt "job") or TrainJob (fmt "trainjob"); runs on several hosts also get a NetworkPolicy that
+    lets their pods reach each other and, as Jobs, the headless Service that names pod 0.
 
     spec_ref is a local path (its text is passed as spec_text) or an s3:// or https:// URI, which
     the Job reads itself through JOB_SPEC_URI.
     """
+    if fmt not in FORMATS:
+        raise RenderError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     remote = is_remote(spec_ref)
     spec = None
     if not remote:
@@ -215,11 +392,13 @@ def render(spec_ref: str, *, spec_text: str | None = None, overlay: str | None =
             raise RenderError(f"{spec_ref} is not YAML: {e}") from None
         if not isinstance(spec, dict):
             raise RenderError(f"{spec_ref} must hold a YAML mapping")
-    base_id = slug(run_id) if run_id else base_run_id(spec_ref, spec)
+    # Pod i of an Indexed Job is named <job>-<i>, which must stay a DNS label too.
+    limit = MAX_NAME - len(f"-{layout.nodes - 1}") if layout.nodes > 1 else MAX_NAME
+    base_id = (slug(run_id) if run_id else base_run_id(spec_ref, spec))[:limit].rstrip("-")
     if not _DNS_LABEL.match(base_id):
         raise RenderError(f"run id {base_id!r} is not a DNS-1123 label")
     fixed = dict(parse_assignment(s) for s in sets)
-    points = experiments(base_id, [parse_sweep(s) for s in sweeps], fixed)
+    points = experiments(base_id, [parse_sweep(s) for s in sweeps], fixed, limit=limit)
     template = base_job(overlay, root)
     namespace = namespace or kustomization(root).get("namespace", "default")
     image = image or default_image(root)
@@ -234,8 +413,13 @@ def render(spec_ref: str, *, spec_text: str | None = None, overlay: str | None =
             docs.append(spec_configmap(cm_name, namespace, spec_text, point.run_id))
             spec_env = {"name": "JOB_SPEC",
                         "valueFrom": {"configMapKeyRef": {"name": cm_name, "key": SPEC_KEY}}}
-        docs.append(job_manifest(template, point, namespace=namespace, image=image,
-                                 spec_env=spec_env, extra_env=dict(env or {})))
+        job = job_manifest(template, point, namespace=namespace, image=image,
+                           spec_env=spec_env, extra_env=dict(env or {}))
+        peers = peer_manifests(point.run_id, namespace, root) if layout.nodes > 1 else []
+        if fmt == "trainjob":
+            docs += peers[:1] + [trainjob_manifest(job, layout, runtime)]  # the Trainer makes its own Service
+        else:
+            docs += peers + [distribute(job, layout, cluster_domain=cluster_domain)]
     return docs
 
 

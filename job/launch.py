@@ -1,8 +1,11 @@
-"""Start the job image on RunPod or Lambda Cloud through their public REST APIs.
+"""Start the job image on RunPod or Lambda Cloud through their public REST APIs, describe it as a
+SkyPilot task, and run it under torchrun on one host of many.
 
 RunPod: `POST https://rest.runpod.io/v1/pods` (REST API v1, "Create a new Pod"; Bearer key).
 Lambda Cloud: `POST https://cloud.lambda.ai/api/v1/instance-operations/launch` (Bearer key), with a
 cloud-init user_data that runs the container and powers the machine off when the job ends.
+SkyPilot: a task YAML for `sky jobs launch` (managed jobs: spot recovery, restarts on exit code 75).
+torchrun: torchrun's own launcher, but exiting with the failed worker's exit code instead of 1.
 
 The API key is an argument (the CLI reads it from the environment) and never appears in a request
 URL, a message, or an exception: error text from the server is scrubbed of it before it is shown.
@@ -15,6 +18,8 @@ import shlex
 import urllib.error
 import urllib.request
 from typing import Any
+
+from job import errors
 
 RUNPOD_API = "https://rest.runpod.io/v1"
 LAMBDA_API = "https://cloud.lambda.ai/api/v1"
@@ -151,6 +156,104 @@ def launch_lambda(api_key: str, body: dict[str, Any], *, api_url: str = LAMBDA_A
     if not ids:
         raise LaunchError("Lambda Cloud answered without an instance id")
     return str(ids[0])
+
+
+# --- SkyPilot -------------------------------------------------------------------------------
+
+# Exit codes after which a new attempt can succeed (job/errors.py): SkyPilot recovers on these only.
+# A user error, a failed verification or a bug would fail again: max_restarts_on_errors stays 0.
+INFRA_EXIT_CODES = (errors.EXIT_TRANSIENT,)
+
+
+def skypilot_task(*, name: str, image: str, accelerators: list[str], env: dict[str, str],
+                  secrets: list[str] = (), nodes: int = 1, use_spot: bool = False, infra: str | None = None,
+                  disk_gb: int | None = None) -> dict[str, Any]:
+    """A SkyPilot task that runs the image on `nodes` hosts with `accelerators` each (e.g. "H100:8";
+    several are alternatives in order of preference).
+
+    The image runs as SkyPilot's container runtime: SkyPilot installs its agent in the container
+    through apt, so the container runs as root, and torchrun (one process per GPU) is started by the
+    task's `run` script from SkyPilot's node variables. secrets are names only, whose values
+    `sky jobs launch --secret NAME` takes from the launching shell.
+    """
+    if nodes < 1:
+        raise LaunchError("the node count must be at least 1")
+    if not accelerators:
+        raise LaunchError("name at least one accelerator, e.g. H100:8")
+    for accelerator in accelerators:
+        kind, _, count = accelerator.partition(":")
+        if not kind or (count and not (count.isdigit() and int(count) >= 1)):
+            raise LaunchError(f"accelerator {accelerator!r} is not TYPE or TYPE:COUNT (e.g. H100:8)")
+    resources: dict[str, Any] = {
+        "accelerators": accelerators[0] if len(accelerators) == 1 else list(accelerators),
+        "image_id": f"docker:{image}",
+        "use_spot": use_spot,
+        "job_recovery": {
+            "strategy": "EAGER_NEXT_REGION",
+            "max_restarts_on_errors": 0,
+            "recover_on_exit_codes": list(INFRA_EXIT_CODES),
+        },
+    }
+    if infra:
+        resources["infra"] = infra
+    if disk_gb:
+        resources["disk_size"] = disk_gb
+    task: dict[str, Any] = {
+        "name": name,
+        "num_nodes": nodes,
+        "resources": resources,
+        "envs": dict(env),
+    }
+    if secrets:
+        task["secrets"] = {secret: None for secret in secrets}
+    task["config"] = {"docker": {"run_options": ["--user=0:0"]}}
+    task["run"] = skypilot_run_script(nodes)
+    return task
+
+
+def skypilot_run_script(nodes: int) -> str:
+    """The task's `run`: one process per GPU of the node, rank and head address from SkyPilot."""
+    # The image's PATH is not guaranteed in SkyPilot's login shell.
+    lines = ["set -euo pipefail", "export PATH=/opt/venv/bin:$PATH"]
+    if nodes == 1:
+        lines.append('exec job launch torchrun --standalone --nnodes 1 '
+                     '--nproc-per-node "$SKYPILOT_NUM_GPUS_PER_NODE" -m job.cli run')
+    else:
+        lines += [
+            'head_ip=$(echo "$SKYPILOT_NODE_IPS" | head -n1)',
+            'exec job launch torchrun --nnodes "$SKYPILOT_NUM_NODES" '
+            '--nproc-per-node "$SKYPILOT_NUM_GPUS_PER_NODE" --node-rank "$SKYPILOT_NODE_RANK" '
+            '--master-addr "$head_ip" --master-port 29500 -m job.cli run',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# --- torchrun --------------------------------------------------------------------------------
+
+
+def torchrun(argv: list[str]) -> int:
+    """Run torchrun with argv; return the exit code of the worker that failed first.
+
+    torchrun itself exits 1 whatever its workers exited with, which would hide a user error (2) or
+    a transient failure (75) from Kubernetes' podFailurePolicy and SkyPilot's recovery. A worker
+    killed by a signal gives 128 + the signal, as a shell reports it. When the rendezvous or the
+    store fails (a peer was lost, or never came), or this agent is told to stop, the run can
+    succeed on a new attempt: that is transient.
+    """
+    import torch.distributed as dist
+    from torch.distributed import run as torch_run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+
+    try:
+        torch_run.run(torch_run.parse_args(argv))
+    except ChildFailedError as failed:
+        _rank, failure = failed.get_first_failure()
+        return failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode
+    except (SignalException, RendezvousError, dist.DistError):
+        return errors.EXIT_TRANSIENT
+    return errors.EXIT_OK
 
 
 # --- HTTP -----------------------------------------------------------------------------------

@@ -1,17 +1,22 @@
 """Shared helpers for the deploy checks: the repo paths, the external tools, schema validation.
 
-Tools: kubectl (kustomize built in), terraform, and checkov from its own venv
-(tests/deploy/setup-tools.sh installs it; CHECKOV overrides the path).
+Tools: kubectl (kustomize built in), terraform, checkov and SkyPilot, each of the last two in a venv
+of its own (tests/deploy/setup-tools.sh installs them; CHECKOV and SKY_PYTHON override the paths).
+Kubeflow Trainer's CRDs come from ../shared/schemas/kubeflow-trainer/ (see its README for their origin).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 import shutil
 import subprocess
+from functools import cache
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -21,11 +26,17 @@ K8S = ROOT / "k8s"
 TERRAFORM = ROOT / "terraform"
 # A pinned, current Kubernetes: GKE and EKS both offer it; kubernetes-validate bundles its schemas.
 K8S_VERSION = "1.33"
+TRAINER_SCHEMAS = ROOT.parent / "shared" / "schemas" / "kubeflow-trainer"
 
 
 def checkov_path() -> str | None:
     path = os.environ.get("CHECKOV") or str(ROOT / ".venv-checkov" / "bin" / "checkov")
     return path if Path(path).is_file() else shutil.which("checkov")
+
+
+def sky_python() -> str | None:
+    path = os.environ.get("SKY_PYTHON") or str(ROOT / ".venv-sky" / "bin" / "python")
+    return path if Path(path).is_file() else None
 
 
 def require(tool: str | None, name: str) -> str:
@@ -79,3 +90,45 @@ def write_docs(directory: Path, docs: list[dict]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for i, doc in enumerate(docs):
         (directory / f"{i:02d}-{doc['kind'].lower()}.yaml").write_text(yaml.safe_dump(doc))
+
+
+def _strict(schema: dict) -> dict:
+    """An OpenAPI v3 schema of a CRD as the API server applies it with `kubectl apply --validate=strict`:
+    an object that lists its properties and neither allows nor preserves other fields rejects them."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_strict(v) for v in schema]
+    return schema
+
+
+@cache
+def _crd(filename: str) -> dict:
+    path = TRAINER_SCHEMAS / filename
+    if not path.is_file():
+        pytest.skip(f"{path} is missing (../shared/schemas beside the checkout)")
+    return next(d for d in yaml.safe_load_all(path.read_text()) if d)
+
+
+def validate_crd(doc: dict, filename: str) -> None:
+    """A custom resource against the CRD in TRAINER_SCHEMAS/filename: its group, version and kind, the
+    strict openAPIV3Schema, and the CRD's top-level CEL rules (those on metadata.name). CEL rules deeper
+    in the schema are not evaluated here (no CEL engine): tests check the values they guard themselves."""
+    crd = _crd(filename)
+    group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+    version = next(v for v in crd["spec"]["versions"] if f"{group}/{v['name']}" == doc["apiVersion"])
+    assert doc["kind"] == kind
+    schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
+    rules = schema.get("x-kubernetes-validations", [])
+    jsonschema.Draft7Validator(_strict(schema)).validate(doc)
+    name = doc["metadata"]["name"]
+    for rule in (r["rule"] for r in rules):
+        if match := re.fullmatch(r"self\.metadata\.name\.matches\('(.+)'\)", rule):
+            assert re.fullmatch(match[1].replace("\\\\", "\\"), name), f"{name!r} breaks {rule}"
+        elif match := re.fullmatch(r"size\(self\.metadata\.name\) <= (\d+)", rule):
+            assert len(name) <= int(match[1]), f"{name!r} breaks {rule}"
+        else:
+            raise AssertionError(f"a name rule this check cannot read: {rule}")
