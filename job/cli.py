@@ -86,11 +86,17 @@ def run(spec_arg: str | None, sets: tuple[str, ...]) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
     # Libraries draw tqdm bars on stderr; the run reports progress as events instead.
     os.environ.setdefault("TQDM_DISABLE", "1")
-    log.setup(secrets=[environ.get(k, "") for k in SECRET_ENV])
+    # stdout carries JSON events and nothing else: libraries that print (wandb, transformers' integrations, C code)
+    # write to file descriptor 1, so it is pointed at stderr and the events keep a private copy of the original.
+    events_stream = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    log.setup(secrets=[environ.get(k, "") for k in SECRET_ENV], stream=events_stream)
     events = log.get()
     try:
         spec = resolve_spec(spec_arg, sets, environ)
-        log.setup(secrets=[environ.get(k, "") for k in SECRET_ENV] + [spec.model.token.get_secret_value() if spec.model.token else ""])
+        log.setup(secrets=[environ.get(k, "") for k in SECRET_ENV] + [spec.model.token.get_secret_value() if spec.model.token else ""],
+                  stream=events_stream)
         import structlog
 
         structlog.contextvars.bind_contextvars(run_id=spec.run_id)

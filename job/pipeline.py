@@ -72,6 +72,7 @@ def run(spec: Spec, paths: Paths, stop: train.StopRequest | None = None) -> RunR
     """One run; a failure leaves RUN_ID/failure.json (except a preemption, which leaves a checkpoint)."""
     store = open_location(spec.run.output, S3Settings(spec.run.endpoint_url, spec.run.region))
     store.list(f"{spec.run_id}/")  # unreachable storage fails here, before a model download or training
+    store.delete(f"{spec.run_id}/{FAILURE}")  # a retry is in progress now, not failed
     current = {"stage": "start"}
     try:
         return _run(spec, paths, store, stop or train.StopRequest(), current)
