@@ -250,6 +250,13 @@ def scale_to_gpus(job: dict, gpus: int) -> dict:
     return job
 
 
+def _with_shutdown_timeout(env: list[dict], pod: dict) -> list[dict]:
+    """torchrun gives its workers 30 s after a SIGTERM before it kills them; give them the pod's
+    grace period (less a margin for torchrun itself), so they can finish a step and checkpoint."""
+    seconds = max(pod.get("terminationGracePeriodSeconds", 30) - 30, 30)
+    return env + [{"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(seconds)}]
+
+
 def torchrun_args(layout: Layout, *, rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> list[str]:
     """Arguments to the image's `job` entrypoint: one process per GPU under `job launch torchrun`.
 
@@ -281,6 +288,7 @@ def distribute(job: dict, layout: Layout, *, cluster_domain: str = CLUSTER_DOMAI
         return job
     job = scale_to_gpus(job, layout.gpus_per_node)
     container = _container(job)
+    container["env"] = _with_shutdown_timeout(container["env"], job["spec"]["template"]["spec"])
     if layout.nodes == 1:
         container["args"] = torchrun_args(layout)
         return job
@@ -356,7 +364,7 @@ def trainjob_manifest(job: dict, layout: Layout, runtime: str = TRAINER_RUNTIME)
                 "numNodes": layout.nodes,
                 "numProcPerNode": layout.gpus_per_node,
                 "resourcesPerNode": container["resources"],
-                "env": container["env"],
+                "env": _with_shutdown_timeout(container["env"], pod),
             },
             "runtimePatches": [{
                 "manager": "job-cli",

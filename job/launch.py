@@ -162,7 +162,7 @@ def launch_lambda(api_key: str, body: dict[str, Any], *, api_url: str = LAMBDA_A
 
 # Exit codes after which a new attempt can succeed (job/errors.py): SkyPilot recovers on these only.
 # A user error, a failed verification or a bug would fail again: max_restarts_on_errors stays 0.
-INFRA_EXIT_CODES = (errors.EXIT_TRANSIENT,)
+INFRA_EXIT_CODES = (errors.EXIT_TRANSIENT, errors.EXIT_PREEMPTED)
 
 
 def skypilot_task(*, name: str, image: str, accelerators: list[str], env: dict[str, str],
@@ -237,8 +237,9 @@ def torchrun(argv: list[str]) -> int:
     torchrun itself exits 1 whatever its workers exited with, which would hide a user error (2) or
     a transient failure (75) from Kubernetes' podFailurePolicy and SkyPilot's recovery. A worker
     killed by a signal gives 128 + the signal, as a shell reports it. When the rendezvous or the
-    store fails (a peer was lost, or never came), or this agent is told to stop, the run can
-    succeed on a new attempt: that is transient.
+    store fails (a peer was lost, or never came) the run can succeed on a new attempt: transient.
+    A SIGTERM to this process reaches the workers (torchrun forwards it and waits
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds for their checkpoint): preempted, as `job run` reports it.
     """
     import torch.distributed as dist
     from torch.distributed import run as torch_run
@@ -251,7 +252,9 @@ def torchrun(argv: list[str]) -> int:
     except ChildFailedError as failed:
         _rank, failure = failed.get_first_failure()
         return failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode
-    except (SignalException, RendezvousError, dist.DistError):
+    except SignalException:
+        return errors.EXIT_PREEMPTED
+    except (RendezvousError, dist.DistError):
         return errors.EXIT_TRANSIENT
     return errors.EXIT_OK
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -85,7 +86,8 @@ def test_indexed_job_layouts_are_valid(nodes, gpus, overlay):
     # Same placement, identity and hardening as the single-node Job.
     assert placement(pod) == placement(pod_spec(single))
     assert container(job)["securityContext"] == container(single)["securityContext"]
-    assert container(job)["env"] == container(single)["env"]
+    shutdown = {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(pod["terminationGracePeriodSeconds"] - 30)}
+    assert container(job)["env"] == container(single)["env"] + [shutdown]
     gpu = container(job)["resources"]["limits"]["nvidia.com/gpu"]
     assert gpu == container(job)["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
 
@@ -171,6 +173,7 @@ def test_trainjob_layouts_validate_against_the_crd(nodes, gpus, overlay):
     assert trainer["numNodes"] == nodes and trainer["numProcPerNode"] == gpus >= 1
     assert trainer["resourcesPerNode"] == container(job)["resources"]
     assert trainer["env"] == container(job)["env"] and trainer["image"] == container(job)["image"]
+    assert {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": "570"} in trainer["env"]
     assert trainer["command"] == ["job", "launch", "torchrun", "-m", "job.cli", "run"]
     (patch,) = trainjob["spec"]["runtimePatches"]
     (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
@@ -259,7 +262,7 @@ def test_skypilot_tasks_load_in_skypilot(tmp_path):
         assert task["spot"] is True
         recovery = task["recovery"]
         assert set(recovery) <= set(task["known_recovery_keys"])  # the client loader lets unknown keys pass
-        assert recovery["max_restarts_on_errors"] == 0 and recovery["recover_on_exit_codes"] == [errors.EXIT_TRANSIENT]
+        assert recovery["max_restarts_on_errors"] == 0 and recovery["recover_on_exit_codes"] == [errors.EXIT_TRANSIENT, errors.EXIT_PREEMPTED]
         assert task["envs"]["JOB_SPEC_URI"] == SPEC_URI and task["envs"]["JOB__LORA__R"] == "16"
         assert task["envs"]["AWS_REGION"] == "us-east-1"
         assert "AWS_ACCESS_KEY_ID" in str(task["secrets"]) and "AWS_ACCESS_KEY_ID" not in task["envs"]
@@ -369,3 +372,34 @@ def test_torchrun_exits_with_the_failed_workers_code(outcome, expected, tmp_path
     (result,) = run_hosts([[sys.executable, "-m", "job.cli", "launch", "torchrun", "--standalone",
                             "--nproc-per-node", "2", str(worker), outcome]], [node_env(tmp_path)])
     assert result.returncode == expected, result.stdout[-3000:]
+
+
+_CHECKPOINTING_WORKER = textwrap.dedent("""
+    import signal, sys, time
+    def preempted(*_):
+        time.sleep(2)  # writing it takes a while: torchrun must wait, not kill
+        print("checkpoint written", flush=True)
+        sys.exit(76)
+    signal.signal(signal.SIGTERM, preempted)
+    print("training", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_sigterm_reaches_the_workers_and_reads_as_preempted(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(_CHECKPOINTING_WORKER)
+    env = node_env(tmp_path, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="20")
+    proc = subprocess.Popen([sys.executable, "-m", "job.cli", "launch", "torchrun", "--standalone",
+                             "--nproc-per-node", "1", str(worker)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # wait until the worker runs
+            if "training" in line:
+                break
+        proc.send_signal(signal.SIGTERM)  # what the kubelet sends the container's PID 1
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert "checkpoint written" in out, out[-3000:]
+    assert proc.returncode == errors.EXIT_PREEMPTED
