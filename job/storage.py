@@ -62,7 +62,7 @@ class S3Settings:
 
     endpoint_url: str | None = None
     region: str | None = None
-    max_attempts: int = 8  # per request, botocore's standard mode (the first try included)
+    request_attempts: int = 8  # per request, botocore's standard mode, the first try included
     step_attempts: int = 3  # per whole step (upload, download, read), ours, around botocore's
     backoff_seconds: float = 1.0  # ours: full jitter over min(cap, base * 2**retry)
     max_backoff_seconds: float = 30.0
@@ -160,7 +160,8 @@ class S3Storage:
             endpoint_url=settings.endpoint_url,
             region_name=settings.region,
             config=Config(
-                retries={"mode": "standard", "max_attempts": settings.max_attempts},
+                # total_max_attempts counts the first try; botocore's `max_attempts` key would count retries only.
+                retries={"mode": "standard", "total_max_attempts": settings.request_attempts},
                 connect_timeout=settings.connect_timeout,
                 read_timeout=settings.read_timeout,
                 max_pool_connections=max(10, settings.max_concurrency + 2),
@@ -181,7 +182,7 @@ class S3Storage:
     def _where(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
-    def _retrying(self, what: str, step: Callable[[], T], on_failure: Callable[[], None] | None = None) -> T:
+    def _retrying(self, what: str, step: Callable[[], T]) -> T:
         """Run a whole step, retrying transient failures with exponential backoff and full jitter."""
         attempts = max(1, self.settings.step_attempts)
         for attempt in range(1, attempts + 1):
@@ -191,8 +192,6 @@ class S3Storage:
                 error = classify(exc, what)
                 if error is None:
                     raise
-                if on_failure:
-                    on_failure()
                 if not isinstance(error, TransientError) or attempt == attempts:
                     if error is exc:
                         raise
@@ -277,15 +276,21 @@ class S3Storage:
         return self._retrying(self._where(key), lambda: self._mismatch(self._head(key), local, sha256))
 
     def _abort_pending(self, key: str) -> None:
-        """Abort multipart uploads left at this key: s3transfer aborts on failure, but its abort can fail too."""
-        try:
+        """Abort every multipart upload pending at this key. s3transfer aborts the upload it knows when it fails, but
+        that abort can fail too, and an upload whose CreateMultipartUpload answer was lost (botocore then creates
+        another) is known to no one."""
+
+        def abort_all() -> None:
             pending = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self._key(key)).get("Uploads", [])
             for upload in pending:
                 if upload["Key"] == self._key(key):
                     self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                     log.get().info("storage.multipart_aborted", key=self._where(key))
-        except Exception as exc:  # noqa: BLE001 - best effort; the bucket's lifecycle rule is the backstop
-            log.get().warning("storage.multipart_abort_failed", key=self._where(key), error=type(exc).__name__)
+
+        try:
+            self._retrying(f"abort uploads to {self._where(key)}", abort_all)
+        except (TransientError, NotFoundError) as exc:  # the bucket's lifecycle rule is the backstop
+            log.get().warning("storage.multipart_abort_failed", key=self._where(key), error=str(exc))
 
     def upload_file(self, local: Path, key: str, sha256: str) -> bool:
         """Upload unless an identical object is already there, then check what the store holds.
@@ -298,16 +303,20 @@ class S3Storage:
             if self._mismatch(self._head(key), local, sha256) is None:
                 return sent  # already there: identical from an earlier run, or an earlier attempt landed
             sent = True
-            self.client.upload_file(
-                str(local), self.bucket, self._key(key), Config=self.transfer,
-                ExtraArgs={"Metadata": {"sha256": sha256}, "ChecksumAlgorithm": "SHA256"},
-            )
+            try:
+                self.client.upload_file(
+                    str(local), self.bucket, self._key(key), Config=self.transfer,
+                    ExtraArgs={"Metadata": {"sha256": sha256}, "ChecksumAlgorithm": "SHA256"},
+                )
+            finally:
+                if local.stat().st_size >= self.transfer.multipart_threshold:
+                    self._abort_pending(key)
             if problem := self._mismatch(self._head(key), local, sha256):
                 raise ChecksumMismatch(f"after upload, the stored object is wrong: {problem}")
             return True
 
         local.stat()  # a missing local file is our bug, not the store's: raise it before any retrying
-        return self._retrying(f"upload to {self._where(key)}", upload, on_failure=lambda: self._abort_pending(key))
+        return self._retrying(f"upload to {self._where(key)}", upload)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         sha256 = hashlib.sha256(data).hexdigest()

@@ -72,6 +72,7 @@ class FaultProxy:
         self.rules: list[Rule] = []
         self.injected: Counter[str] = Counter()
         self.requests: list[tuple[str, str]] = []
+        self.history: list[tuple[str, str, str | None]] = []  # method, target, the fault injected or None
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
@@ -110,6 +111,7 @@ class FaultProxy:
                     rule.fired += 1
                     self.injected[rule.fault.value] += 1
                     chosen = rule
+            self.history.append((method, target, chosen.fault.value if chosen else None))
         return chosen
 
 
@@ -185,7 +187,13 @@ def _handler_for(proxy: FaultProxy):
                 response = _flip(response)
             self._answer(status, headers, response, cut=fault is Fault.DROP_MID_BODY)
 
-        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+        def _handle_quietly(self) -> None:
+            try:
+                self._handle()
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client gave up first (its read timeout): as a real server sees it
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle_quietly
 
     return Handler
 
