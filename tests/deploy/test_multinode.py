@@ -159,7 +159,8 @@ def test_bad_layouts_are_usage_errors(bad):
 @pytest.mark.parametrize("overlay", [None, "gke"])
 @pytest.mark.parametrize("nodes,gpus", LAYOUTS)
 def test_trainjob_layouts_validate_against_the_crd(nodes, gpus, overlay):
-    args = [str(SPEC), "--nodes", str(nodes), "--gpus-per-node", str(gpus), *(["--overlay", overlay] if overlay else [])]
+    args = [str(SPEC), "--nodes", str(nodes), "--gpus-per-node", str(gpus),
+            *(["--overlay", overlay] if overlay else [])]
     docs = render_cli(*args, "--format", "trainjob")
     assert [d["kind"] for d in docs] == ["NetworkPolicy", "ConfigMap", "NetworkPolicy", "TrainJob"]
     for doc in docs[:3]:
@@ -233,7 +234,7 @@ _SKY_LOAD = textwrap.dedent("""
     for path in sys.argv[1:]:
         task = sky.Task.from_yaml(path)
         (res,) = task.resources
-        out.append({"nodes": task.num_nodes, "accelerators": res.accelerators, "image": res.image_id,
+        out.append({"nodes": task.num_nodes, "accelerators": res.accelerators, "image": res.extract_docker_image(),
                     "spot": res.use_spot, "recovery": res.job_recovery, "envs": task.envs,
                     "secrets": sorted(task.secrets) + sorted(ref.name for ref in task.managed_secret_refs),
                     "run": task.run, "known_recovery_keys": sorted(recovery)})
@@ -258,11 +259,12 @@ def test_skypilot_tasks_load_in_skypilot(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for (nodes, gpus), task in zip(layouts, json.loads(proc.stdout)):
         assert task["nodes"] == nodes and task["accelerators"] == {"H100": gpus}
-        assert task["image"] == {None: f"docker:{IMAGE}"} or IMAGE in str(task["image"])
+        assert task["image"] == IMAGE  # SkyPilot reads it as a container image
         assert task["spot"] is True
         recovery = task["recovery"]
         assert set(recovery) <= set(task["known_recovery_keys"])  # the client loader lets unknown keys pass
-        assert recovery["max_restarts_on_errors"] == 0 and recovery["recover_on_exit_codes"] == [errors.EXIT_TRANSIENT, errors.EXIT_PREEMPTED]
+        assert recovery["max_restarts_on_errors"] == 0
+        assert recovery["recover_on_exit_codes"] == [errors.EXIT_TRANSIENT, errors.EXIT_PREEMPTED]
         assert task["envs"]["JOB_SPEC_URI"] == SPEC_URI and task["envs"]["JOB__LORA__R"] == "16"
         assert task["envs"]["AWS_REGION"] == "us-east-1"
         assert "AWS_ACCESS_KEY_ID" in str(task["secrets"]) and "AWS_ACCESS_KEY_ID" not in task["envs"]
