@@ -196,7 +196,8 @@ class S3Storage:
                     if error is exc:
                         raise
                     raise error from exc
-                delay = random.uniform(0, min(self.settings.max_backoff_seconds, self.settings.backoff_seconds * 2 ** (attempt - 1)))
+                ceiling = min(self.settings.max_backoff_seconds, self.settings.backoff_seconds * 2 ** (attempt - 1))
+                delay = random.uniform(0, ceiling)
                 log.get().warning("storage.retry", what=what, attempt=attempt, of=attempts, error=str(error),
                                   delay_seconds=round(delay, 2))
                 time.sleep(delay)
@@ -296,6 +297,7 @@ class S3Storage:
         """Upload unless an identical object is already there, then check what the store holds.
 
         Returns whether bytes were sent."""
+        size = local.stat().st_size  # a missing local file is our bug, not the store's: raised before any retrying
         sent = False
 
         def upload() -> bool:
@@ -309,13 +311,12 @@ class S3Storage:
                     ExtraArgs={"Metadata": {"sha256": sha256}, "ChecksumAlgorithm": "SHA256"},
                 )
             finally:
-                if local.stat().st_size >= self.transfer.multipart_threshold:
+                if size >= self.transfer.multipart_threshold:
                     self._abort_pending(key)
             if problem := self._mismatch(self._head(key), local, sha256):
                 raise ChecksumMismatch(f"after upload, the stored object is wrong: {problem}")
             return True
 
-        local.stat()  # a missing local file is our bug, not the store's: raise it before any retrying
         return self._retrying(f"upload to {self._where(key)}", upload)
 
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -359,7 +360,7 @@ def classify(exc: BaseException, what: str) -> NotFoundError | TransientError | 
     if isinstance(exc, S3UploadFailedError) and exc.__context__ is not None:
         exc = exc.__context__  # boto3 wraps the ClientError in a message; the code is in the original
     if isinstance(exc, (RetriesExceededError, TransferRetriesExceededError)):
-        exc = exc.last_exception
+        exc = exc.last_exception or exc
     if isinstance(exc, boto.ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
@@ -370,7 +371,8 @@ def classify(exc: BaseException, what: str) -> NotFoundError | TransientError | 
         return NotFoundError(f"{what}: no usable AWS credentials", hint="set the standard AWS env or role")
     transient = (boto.ConnectionError, boto.HTTPClientError, boto.IncompleteReadError, boto.FlexibleChecksumError,
                  boto.ChecksumError, boto.CredentialRetrievalError, urllib3.exceptions.HTTPError, http.client.HTTPException,
-                 ConnectionError, TimeoutError, ChecksumMismatch, S3DownloadFailedError, S3UploadFailedError)
+                 ConnectionError, TimeoutError, ChecksumMismatch, S3DownloadFailedError, S3UploadFailedError,
+                 RetriesExceededError, TransferRetriesExceededError)
     if isinstance(exc, transient):
         return TransientError(f"{what}: {type(exc).__name__}: {exc}")
     return None
