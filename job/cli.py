@@ -45,6 +45,24 @@ def paths_from_env(environ: dict[str, str]):
     )
 
 
+def _process_count(value: str) -> int:
+    if value == "auto":
+        import torch
+
+        return torch.cuda.device_count()
+    if not value.isdigit() or int(value) < 1:
+        fail(errors.SpecError(f"JOB_NPROC={value!r} must be auto or a positive number of processes"))
+    return int(value)
+
+
+def process_from_env(environ: dict[str, str]):
+    """This process's place under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE); alone: rank 0 of 1."""
+    from job.pipeline import Process
+
+    return Process(rank=int(environ.get("RANK", 0)), local_rank=int(environ.get("LOCAL_RANK", 0)),
+                   world_size=int(environ.get("WORLD_SIZE", 1)))
+
+
 def fail(exc: errors.JobError) -> None:
     log.get().error("run.failed", error=exc.kind, message=str(exc), exit_code=exc.exit_code)
     click.echo(f"error: {exc}", err=True)
@@ -69,8 +87,20 @@ def main() -> None:
 @spec_option
 @set_option
 def run(spec_arg: str | None, sets: tuple[str, ...]) -> None:
-    """Train, export, verify and publish one run."""
+    """Train, export, verify and publish one run.
+
+    Under torchrun every process runs this; rank 0 alone logs at info level, checkpoints and publishes.
+    JOB_NPROC=auto|N (outside torchrun) starts one process per GPU through torchrun itself.
+    """
     environ = dict(os.environ)
+    if environ.get("JOB_NPROC") and "LOCAL_RANK" not in environ:
+        count = _process_count(environ["JOB_NPROC"])
+        if count > 1:
+            from job.launch import torchrun
+
+            argv = (["--spec", spec_arg] if spec_arg else []) + [arg for item in sets for arg in ("--set", item)]
+            sys.exit(torchrun(["--standalone", "--nnodes", "1", "--nproc-per-node", str(count), "-m", "job.cli", "run", *argv]))
+    process = process_from_env(environ)
     # As PID 1 in a container Python gets no default SIGTERM action: without this, preemption ends in SIGKILL.
     # In the training loop SIGTERM asks for a stop after the current step and a checkpoint (exit 76); elsewhere
     # it ends the run at once with exit 75, so Kubernetes retries and the retry resumes from the last checkpoint.
@@ -91,19 +121,20 @@ def run(spec_arg: str | None, sets: tuple[str, ...]) -> None:
     events_stream = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    log.setup(secrets=[environ.get(k, "") for k in SECRET_ENV], stream=events_stream)
+    level = "INFO" if process.rank == 0 else "WARNING"  # one log of record: rank 0's
+    log.setup(secrets=[environ.get(k, "") for k in SECRET_ENV], stream=events_stream, level=level)
     events = log.get()
     try:
         spec = resolve_spec(spec_arg, sets, environ)
         log.setup(secrets=[environ.get(k, "") for k in SECRET_ENV] + [spec.model.token.get_secret_value() if spec.model.token else ""],
-                  stream=events_stream)
+                  stream=events_stream, level=level)
         import structlog
 
-        structlog.contextvars.bind_contextvars(run_id=spec.run_id)
+        structlog.contextvars.bind_contextvars(run_id=spec.run_id, **({"rank": process.rank} if process.world_size > 1 else {}))
         events.info("run.started", run_id=spec.run_id, output=spec.run.output, model=spec.model.name, data=spec.data.source)
         from job import pipeline
 
-        result = pipeline.run(spec, paths_from_env(environ), stop)
+        result = pipeline.run(spec, paths_from_env(environ), stop, process)
     except errors.JobError as exc:
         fail(exc)
         return
@@ -113,6 +144,8 @@ def run(spec_arg: str | None, sets: tuple[str, ...]) -> None:
     except Exception:
         events.exception("run.crashed", exit_code=errors.EXIT_BUG)
         sys.exit(errors.EXIT_BUG)
+    if result is None:  # a rank other than 0: its part ended with training
+        return
     events.info("run.finished", run_id=result.run_id, destination=result.destination,
                 files=len(result.manifest["files"]), final_loss=result.manifest["training"]["final_loss"])
     click.echo(summary(result), err=True)

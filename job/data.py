@@ -7,6 +7,7 @@ format is testable without a network.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -78,44 +79,57 @@ class _Malformed:
         self.reason = reason
 
 
-def _read_file(path: Path) -> list[Any]:
+def _decode(raw: bytes, shown: str, suffix: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not part of row 1
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        where = f"row {line} (line {line})" if suffix == ".jsonl" else f"line {line}"
+        raise DataError(
+            f"data.source: {shown} is not UTF-8 text: {where} has the byte 0x{raw[exc.start]:02x} at byte offset {exc.start}",
+            hint="re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT) or fix that row",
+        ) from exc
+
+
+def _read_file(path: Path, shown: str | None = None) -> list[Any]:
+    """Rows of one file; `shown` is how the user named it (an s3:// URI for a downloaded object)."""
+    shown = shown or str(path)
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
             rows: list[Any] = []
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    if not line.strip():
-                        rows.append(_Malformed("empty line"))
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        rows.append(_Malformed(f"invalid JSON ({exc.msg})"))
+            lines = _decode(path.read_bytes(), shown, suffix).split("\n")
+            if lines and lines[-1] == "":
+                lines.pop()  # the newline that ends the last row
+            for line in lines:
+                if not line.strip():
+                    rows.append(_Malformed("empty line"))
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    rows.append(_Malformed(f"invalid JSON ({exc.msg})"))
             return rows
         if suffix == ".json":
-            loaded = json.loads(path.read_text(encoding="utf-8"))
+            loaded = json.loads(_decode(path.read_bytes(), shown, suffix))
             if isinstance(loaded, dict) and isinstance(loaded.get("data"), list):
                 loaded = loaded["data"]
             if not isinstance(loaded, list):
-                raise DataError(f"data.source: {path} must hold a JSON list of rows (or {{\"data\": [...]}})")
+                raise DataError(f"data.source: {shown} must hold a JSON list of rows (or {{\"data\": [...]}})")
             return loaded
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
             return pq.read_table(path).to_pylist()
         if suffix == ".csv":
-            with open(path, encoding="utf-8", newline="") as fh:
-                return list(csv.DictReader(fh))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"data.source: {path} is not UTF-8 text (byte {exc.start})", hint="re-encode it as UTF-8") from exc
+            return list(csv.DictReader(io.StringIO(_decode(path.read_bytes(), shown, suffix), newline="")))
     except json.JSONDecodeError as exc:
-        raise DataError(f"data.source: {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+        raise DataError(f"data.source: {shown} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
     except DataError:
         raise
     except Exception as exc:  # pyarrow and csv raise many types for corrupt files
-        raise DataError(f"data.source: cannot read {path}: {exc}") from exc
-    raise DataError(f"data.source: {path} has an unsupported extension; use one of {', '.join(SUPPORTED)}")
+        raise DataError(f"data.source: cannot read {shown}: {exc}") from exc
+    raise DataError(f"data.source: {shown} has an unsupported extension; use one of {', '.join(SUPPORTED)}")
 
 
 def _read_local(path: Path) -> list[Any]:
@@ -133,20 +147,30 @@ def _read_local(path: Path) -> list[Any]:
 def _read_s3(uri: str, work_dir: Path, s3: S3Settings) -> list[Any]:
     if uri.lower().endswith(SUPPORTED):
         bucket_uri, _, key = uri.rpartition("/")
-        store = open_location(bucket_uri, s3)
-        local = work_dir / "data" / key
-        store.download_file(key, local)
-        return _read_file(local)
+        return _read_file(_download(open_location(bucket_uri, s3), key, work_dir), uri)
     store = open_location(uri, s3)
     keys = [k for k in store.list() if k.lower().endswith(SUPPORTED)]
     if not keys:
         raise NotFoundError(f"data.source: no {', '.join(SUPPORTED)} objects under {uri}")
     rows: list[Any] = []
     for key in keys:
-        local = work_dir / "data" / key
-        store.download_file(key, local)
-        rows.extend(_read_file(local))
+        rows.extend(_read_file(_download(store, key, work_dir), f"{store.uri}/{key}"))
     return rows
+
+
+def _download(store, key: str, work_dir: Path) -> Path:
+    from job.model import local_path_for
+
+    local = local_path_for(work_dir / "data", key, f"data.source: object {store.uri}/{key}", DataError)
+    try:
+        store.download_file(key, local)
+    except NotFoundError as exc:
+        raise NotFoundError(f"data.source: {exc.message}",
+                            hint=exc.hint or "check the bucket, the key and that the credentials may read it") from exc
+    except TransientError as exc:
+        raise TransientError(f"data.source: {exc.message}",
+                             hint=exc.hint or "the storage did not answer; the same run may succeed when retried") from exc
+    return local
 
 
 def _read_hub(data: DataSection) -> list[Any]:
@@ -184,7 +208,14 @@ def detect_format(rows: list[Any]) -> str:
             f"data.format: cannot detect the format from columns {sorted(keys)}",
             hint="expected messages, conversations, instruction/output, prompt/completion or text; or set data.format",
         )
-    raise DataError("data.source: no rows to detect a format from (the dataset is empty or every row is malformed)")
+    raise DataError(f"data.source: no row is a JSON object to detect the format from ({_first_problems(rows)})",
+                    hint="fix those rows; each row must be one object such as {\"messages\": [...]}")
+
+
+def _first_problems(rows: list[Any]) -> str:
+    found = [f"row {n}: {row.reason if isinstance(row, _Malformed) else 'not an object'}"
+             for n, row in enumerate(rows[:3], start=1)]
+    return "; ".join(found) + (f"; and {len(rows) - 3} more" if len(rows) > 3 else "")
 
 
 def _nonempty_str(value: Any) -> bool:
@@ -248,6 +279,9 @@ def normalize_row(row: Any, fmt: str, alpaca_template: bool) -> Example:
 
 
 def normalize(rows: list[Any], data: DataSection, template_name: str) -> Normalized:
+    if not rows:
+        raise DataError(f"data.source: {data.source} is empty: it holds no rows",
+                        hint="point data.source at a dataset with at least one row")
     fmt = data.format if data.format != "auto" else detect_format(rows)
     if data.max_rows:
         rows = rows[: data.max_rows]
@@ -263,9 +297,21 @@ def normalize(rows: list[Any], data: DataSection, template_name: str) -> Normali
         first = ", ".join(f"{reason} (rows {rows_[:5]})" for reason, rows_ in result.dropped_rows.items())
         raise DataError(
             f"data.source: no usable rows as format '{fmt}' out of {len(rows)} read" + (f": {first}" if first else ""),
-            hint="check data.format and the column names",
+            hint=_format_hint(rows, data.format, fmt),
         )
     return result
+
+
+def _format_hint(rows: list[Any], declared: str, fmt: str) -> str:
+    columns = next((sorted(row) for row in rows if isinstance(row, dict)), None)
+    if declared != "auto":
+        try:
+            looks_like = detect_format(rows)
+        except DataError:
+            looks_like = None
+        if looks_like and looks_like != fmt:
+            return f"data.format is '{declared}' but the columns {columns} are format '{looks_like}': set data.format: {looks_like} (or auto)"
+    return f"fix those rows, or set data.format to the format of the columns {columns}"
 
 
 # --- templates and tokenizing --------------------------------------------------------------------------------
@@ -298,6 +344,12 @@ def _segments_for_chat(tokenizer, messages, row: int) -> tuple[str, list[tuple[i
             continue
         before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         through = _render(tokenizer, messages[: i + 1])
+        if message["content"].strip() and message["content"].strip() not in through:
+            raise DataError(
+                f"row {row}: data.chat_template: the chat template drops the assistant's text (turn {i + 1}) "
+                "when it renders the conversation, so that turn cannot be trained",
+                hint="use a template that renders assistant messages: set data.chat_template: chatml (or llama-3, alpaca)",
+            )
         if not full.startswith(before) or not full.startswith(through) or len(through) <= len(before):
             raise DataError(
                 f"row {row}: the chat template does not render turn {i + 1} as a stable prefix of the conversation",
@@ -364,27 +416,49 @@ class TokenizedRow:
         return sum(label != IGNORE for label in self.labels)
 
 
+# No vocabulary's tokens average this many characters: a longer row is many times max_seq_length, training would
+# keep a sliver of it, and tokenizing it whole can take gigabytes (a whole document or a broken file in one cell).
+MAX_CHARS_PER_TOKEN = 64
+
+
+def _refuse_huge(example: Example, row: int, max_seq_length: int) -> None:
+    parts = [m["content"] for m in example.messages or []] + [example.text or "", example.prompt or "", example.completion or ""]
+    chars = sum(len(part) for part in parts)
+    if chars > max_seq_length * MAX_CHARS_PER_TOKEN:
+        raise DataError(
+            f"row {row}: {chars:,} characters, many times what training.max_seq_length={max_seq_length} tokens can hold",
+            hint="split long documents into several rows, remove the row, or raise training.max_seq_length",
+        )
+
+
 def tokenize_rows(tokenizer, normalized: Normalized, max_seq_length: int, responses_only: bool):
     """Yield every normalized row tokenized and truncated, including rows left with no trained token."""
     for row, example in normalized.examples:
+        _refuse_huge(example, row, max_seq_length)
         ids, labels = tokenize_example(tokenizer, example, row, responses_only)
         yield TokenizedRow(row, ids[:max_seq_length], labels[:max_seq_length], len(ids))
 
 
 def tokenize(tokenizer, normalized: Normalized, max_seq_length: int, responses_only: bool) -> Tokenized:
     out = Tokenized([], [], 0, Counter(), 0, 0)
+    emptied: list[int] = []
     for item in tokenize_rows(tokenizer, normalized, max_seq_length, responses_only):
         ids, labels = item.input_ids, item.labels
         out.rows_truncated += item.truncated
         if not item.trained_tokens:
             out.dropped["no trained token (after truncation)"] += 1
+            emptied.append(item.row)
             continue
         out.input_ids.append(ids)
         out.labels.append(labels)
         out.tokens += len(ids)
         out.trained_tokens += sum(label != IGNORE for label in labels)
     if not out.input_ids:
-        raise DataError("data: every row lost all its trained tokens", hint="raise training.max_seq_length")
+        raise DataError(
+            f"data: every row lost all its trained tokens to truncation at training.max_seq_length={max_seq_length} "
+            f"(rows {emptied[:5]}{' …' if len(emptied) > 5 else ''}: the answer starts beyond that length)",
+            hint="raise training.max_seq_length or shorten the prompts",
+        )
     return out
 
 

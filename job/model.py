@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job import log
-from job.errors import NotFoundError, SpecError, TransientError
+from job.errors import JobError, NotFoundError, SpecError, TransientError
 from job.spec import ModelSection
 from job.storage import S3Settings, open_location
 
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".ckpt")  # never loaded: unpickling can run code
 
 
 @dataclass
@@ -56,9 +57,17 @@ def package_file(uri: str, field: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise NotFoundError(f"{field}: Python package {package!r} is not installed", hint=f"pip install {package}")
     root = Path(next(iter(spec.submodule_search_locations))).resolve()
-    path = (root / relative).resolve()
-    if root not in path.parents or not path.is_file():
+    path = local_path_for(root, relative, f"{field}: {uri}", SpecError)
+    if not path.is_file():
         raise NotFoundError(f"{field}: package {package!r} has no file {relative!r}")
+    return path
+
+
+def local_path_for(root: Path, name: str, what: str, error: type[JobError]) -> Path:
+    """root/name, refusing a name ('../x', '/etc/x') that would land outside root."""
+    path = (root / name).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise error(f"{what}: the name {name!r} leads outside {root}", hint="rename it to a path without '..' or a leading '/'")
     return path
 
 
@@ -67,10 +76,22 @@ def _from_gguf(gguf: Path, cache_dir: Path) -> FetchedModel:
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
     target = cache_dir / "models" / f"{gguf.stem}-{key}"
     if not (target / "config.json").is_file():
+        check_gguf(gguf)
         log.get().info("model.materialize.started", gguf=str(gguf), target=str(target))
         materialize_gguf(gguf, target)
         log.get().info("model.materialize.finished", target=str(target))
     return FetchedModel(target, "gguf", f"{gguf.name} (materialized to bf16 safetensors)")
+
+
+def check_gguf(gguf: Path) -> None:
+    """Refuse a file that is not a GGUF, or holds tensor types this gguf reader does not know, before loading it."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf)
+    except (ValueError, KeyError, IndexError, OSError) as exc:  # gguf-py signals a bad file with these
+        raise SpecError(f"model.name: {gguf} is not a GGUF file job can read: {exc}",
+                        hint="check the file is complete, or use the model's Hugging Face checkpoint (safetensors)") from exc
 
 
 def materialize_gguf(gguf: Path, target: Path) -> None:
@@ -79,9 +100,13 @@ def materialize_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except (ValueError, KeyError, NotImplementedError) as exc:  # e.g. "GGUF model with architecture X is not supported"
+        raise SpecError(f"model.name: transformers cannot load {gguf}: {exc}",
+                        hint="use the model's Hugging Face checkpoint (safetensors) instead of its GGUF") from exc
     # transformers refuses to save or train a model loaded from GGUF: rebuild it without quantization_config.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -147,9 +172,9 @@ def _from_s3(uri: str, cache_dir: Path, s3: S3Settings) -> FetchedModel:
     target = cache_dir / "models" / ("s3-" + hashlib.sha256(uri.encode()).hexdigest()[:12])
     log.get().info("model.download.started", source=uri, files=len(keys))
     for key in keys:
-        if key.endswith((".bin", ".pt", ".pth", ".pkl")):
-            continue  # safetensors only: pickled weights can run code on load
-        store.download_file(key, target / key)
+        if key.endswith(PICKLED_WEIGHTS):
+            continue
+        store.download_file(key, local_path_for(target, key, f"model.name: object {store.uri}/{key}", SpecError))
     log.get().info("model.download.finished", source=uri, target=str(target))
     return FetchedModel(target, "s3", uri)
 
@@ -164,7 +189,8 @@ def _from_hub(model: ModelSection, cache_dir: Path) -> FetchedModel:
             model.name,
             revision=model.revision,
             token=model.token.get_secret_value() if model.token else None,
-            allow_patterns=CHECKPOINT_PATTERNS,
+            # The model's own Python files are fetched only when the spec trusts them.
+            allow_patterns=CHECKPOINT_PATTERNS + (["*.py"] if model.trust_remote_code else []),
             cache_dir=str(cache_dir / "hub") if cache_dir else None,
         )
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
@@ -183,6 +209,45 @@ def _from_hub(model: ModelSection, cache_dir: Path) -> FetchedModel:
     return FetchedModel(Path(path), "hub", model.name)
 
 
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def check(fetched: FetchedModel, model: ModelSection, max_seq_length: int) -> None:
+    """Refuse a fetched checkpoint the run cannot use as the spec asks, before data is read or anything trains."""
+    config = read_config(fetched.path)
+    if not any(fetched.path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in fetched.path.iterdir() if p.suffix in PICKLED_WEIGHTS)
+        raise SpecError(
+            f"model.name: {fetched.description} has no .safetensors weights" + (f" (only {', '.join(pickled)})" if pickled else ""),
+            hint="job loads safetensors only, because pickled weights can run code when loaded: use a checkpoint that "
+            "ships safetensors, or convert it with save_pretrained(dir, safe_serialization=True)",
+        )
+    if not model.trust_remote_code and _needs_remote_code(config):
+        raise _remote_code_refused(fetched.description, "auto_map in config.json")
+    text_config = config.get("text_config") or {}
+    limit = next((c[k] for c in (config, text_config) for k in POSITION_LIMIT_KEYS if isinstance(c.get(k), int)), None)
+    if limit and max_seq_length > limit:
+        raise SpecError(
+            f"training.max_seq_length: {max_seq_length} is beyond the model's limit of {limit} positions "
+            f"({fetched.description}, config.json)",
+            hint=f"set training.max_seq_length to {limit} or less",
+        )
+
+
+def _needs_remote_code(config: dict) -> bool:
+    """The config points at model code outside transformers, and transformers has no class of its own for it."""
+    from transformers import CONFIG_MAPPING
+
+    return bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING
+
+
+def _remote_code_refused(what: str, why: str) -> SpecError:
+    return SpecError(
+        f"model.trust_remote_code: {what} needs its own Python code ({why}) and model.trust_remote_code is false",
+        hint="read that code, then set model.trust_remote_code: true; or use a model transformers supports natively",
+    )
+
+
 def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
@@ -190,7 +255,12 @@ def read_config(path: Path) -> dict:
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise _remote_code_refused(str(path), "a tokenizer class outside transformers") from exc
     if tokenizer.pad_token is None:
         # Labels are built before padding, so padding with EOS cannot mask the EOS that ends an answer.
         tokenizer.pad_token = tokenizer.eos_token

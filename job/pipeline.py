@@ -32,6 +32,19 @@ class Paths:
 
 
 @dataclass
+class Process:
+    """This process's place in a torchrun launch (rank 0 of 1 when alone)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
 class RunResult:
     run_id: str
     destination: str
@@ -68,19 +81,37 @@ def training_fingerprint(spec: Spec) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def run(spec: Spec, paths: Paths, stop: train.StopRequest | None = None) -> RunResult:
-    """One run; a failure leaves RUN_ID/failure.json (except a preemption, which leaves a checkpoint)."""
+def run(spec: Spec, paths: Paths, stop: train.StopRequest | None = None, process: Process | None = None) -> RunResult | None:
+    """One run; a failure leaves RUN_ID/failure.json (except a preemption, which leaves a checkpoint).
+
+    Under torchrun every rank trains its shard of each batch; rank 0 alone checkpoints, exports, verifies and
+    publishes, and the others return None once training is over."""
+    process = process or Process()
     store = open_location(spec.run.output, S3Settings(spec.run.endpoint_url, spec.run.region))
     store.list(f"{spec.run_id}/")  # unreachable storage fails here, before a model download or training
-    store.delete(f"{spec.run_id}/{FAILURE}")  # a retry is in progress now, not failed
+    if process.is_main:
+        store.delete(f"{spec.run_id}/{FAILURE}")  # a retry is in progress now, not failed
     current = {"stage": "start"}
     try:
-        return _run(spec, paths, store, stop or train.StopRequest(), current)
+        return _run(spec, paths, store, stop or train.StopRequest(), current, process)
     except Preempted:
         raise
     except Exception as exc:
-        _record_failure(store, spec.run_id, exc, current["stage"])
+        if process.is_main:
+            _record_failure(store, spec.run_id, exc, current["stage"])
         raise
+
+
+def _join_process_group(process: Process, cuda: bool) -> None:
+    """Join torchrun's group before loading anything, so each rank loads onto its own card; the Trainer reuses it."""
+    import torch
+    import torch.distributed as dist
+
+    if process.world_size == 1 or dist.is_initialized():
+        return
+    if cuda:
+        torch.cuda.set_device(process.local_rank)
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
 
 
 def _record_failure(store, run_id: str, exc: Exception, stage_name: str) -> None:
@@ -99,7 +130,7 @@ def _record_failure(store, run_id: str, exc: Exception, stage_name: str) -> None
         log.get().warning("run.failure_not_recorded", run_id=run_id)
 
 
-def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict) -> RunResult:
+def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict, process: Process) -> RunResult | None:
     import torch
 
     # The backend is imported first: unsloth must patch transformers, trl and peft before anyone imports them.
@@ -112,7 +143,8 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
     run_id = spec.run_id
     s3 = S3Settings(spec.run.endpoint_url, spec.run.region)
     events = log.get()
-    work = paths.work_dir / run_id
+    _join_process_group(process, torch.cuda.is_available())
+    work = paths.work_dir / run_id if process.is_main else paths.work_dir / run_id / f"rank-{process.rank}"
     staging = work / "out"
     export.clean(staging)
     staging.mkdir(parents=True)
@@ -128,7 +160,7 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
 
     tools = llamacpp.locate(paths.llama_cpp_dir) if spec.export.gguf else None
     fingerprint = training_fingerprint(spec)
-    world_size = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
+    world_size = process.world_size
     resume = checkpoint.latest(store, run_id)
     if resume:
         checkpoint.check_compatible(resume, fingerprint, world_size)
@@ -152,6 +184,7 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
 
     with stage("train", timings), _current(current, "train"):
         peft_model, _, info = backend.load_for_training(fetched.path, spec.model, spec.lora, spec.training)
+        info["world_size"] = process.world_size  # the batch size is per process; tokens/s counts every process
         plan = train.CheckpointPlan(
             every_steps=spec.training.checkpoint_every,
             every_minutes=spec.training.checkpoint_every_minutes,
@@ -164,6 +197,10 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
         tensorboard_dir = staging / "tensorboard" if "tensorboard" in spec.logging.report_to else None
         result = train.run(peft_model, tokenizer, dataset, spec.training, work, info, checkpoints=plan, stop=stop,
                            eval_dataset=eval_dataset, report_to=spec.logging.report_to, logging_dir=tensorboard_dir)
+        if process.world_size > 1:
+            torch.distributed.destroy_process_group()  # from here on rank 0 works alone
+            if not process.is_main:
+                return None
         backend.for_inference(peft_model)
         report = verify.ProbeReport(spec.export.probes)
         report.base, report.adapter = verify.answer_with_adapter(

@@ -6,6 +6,7 @@ env `JOB_SPEC_URI`. Then overrides: env `JOB__SECTION__FIELD=value`, then `--set
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -283,33 +284,68 @@ def parse_set(item: str) -> tuple[str, str, str]:
     return dotted, value, f"--set {dotted}"
 
 
-def validate(data: dict[str, Any], origin: str) -> Spec:
+def validate(data: dict[str, Any], origin: str, set_by: dict[str, str] | None = None) -> Spec:
     try:
         return Spec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(format_validation_error(exc), where=origin, hint="see `job schema` for every field") from exc
+        raise SpecError(format_validation_error(exc, set_by), where=origin, hint="see `job schema` for every field") from exc
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    lines = [f"{exc.error_count()} invalid field(s):"]
+def format_validation_error(exc: ValidationError, set_by: dict[str, str] | None = None) -> str:
+    """One line per invalid field; `set_by` maps a dotted path to the override that set it (env or --set)."""
+    by_field: dict[str, list[dict]] = {}
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        message = err["msg"]
+        by_field.setdefault(".".join(map(str, _field_loc(err["loc"]))) or "(top level)", []).append(err)
+    lines = [f"{len(by_field)} invalid field(s):"]
+    for path, errs in by_field.items():
+        err = errs[0]
         if err["type"] == "extra_forbidden":
             message = "unknown field (a typo? unknown fields are refused so nothing trains with silent defaults)"
+            message += _did_you_mean(err["loc"])
         elif err["type"] == "missing":
             message = "required field is missing"
+        else:  # a union (int or 'auto') reports each alternative
+            message = " or ".join(dict.fromkeys(e["msg"] for e in errs))
         value = err.get("input")
-        shown = "" if err["type"] in ("missing",) or isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {path}: {message}{shown}")
+        # An unknown field's value says nothing the name does not, and may be a secret under a misspelled name.
+        hidden = err["type"] in ("missing", "extra_forbidden") or path.startswith(SECRET_FIELDS) or isinstance(value, dict)
+        shown = "" if hidden else f" (got {value!r})"
+        origin = (set_by or {}).get(path)
+        lines.append(f"  {path}: {message}{shown}" + (f" [from {origin}]" if origin else ""))
     return "\n".join(lines)
+
+
+def _field_loc(loc: tuple) -> tuple:
+    """The error location up to the field, without the union-member tags pydantic appends ('int', "literal['auto']")."""
+    section: Any = Spec
+    for depth, key in enumerate(loc):
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return loc[:depth] + tuple(k for k in loc[depth:] if isinstance(k, int))[:1]
+        field = section.model_fields.get(key)
+        if field is None:
+            return loc[: depth + 1]
+        section = field.annotation
+    return loc
+
+
+def _did_you_mean(loc: tuple) -> str:
+    section: Any = Spec
+    for key in loc[:-1]:
+        field = section.model_fields.get(key) if isinstance(section, type) and issubclass(section, BaseModel) else None
+        if field is None:
+            return ""
+        section = field.annotation
+    if not (isinstance(section, type) and issubclass(section, BaseModel)):
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
+    return f"; did you mean {'.'.join(map(str, (*loc[:-1], close[0])))}?" if close else ""
 
 
 def resolve(base: dict[str, Any], origin: str, overrides: list[tuple[str, str, str]]) -> Spec:
     data = json.loads(json.dumps(base))  # a deep copy that also rejects non-JSON YAML oddities early
     for dotted, raw, where in overrides:
         apply_override(data, dotted, raw, where)
-    return validate(data, origin)
+    return validate(data, origin, {".".join(p for p in dotted.strip().split(".") if p): where for dotted, _, where in overrides})
 
 
 def json_schema() -> dict[str, Any]:

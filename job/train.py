@@ -86,6 +86,7 @@ def sft_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, 
         fp16=dtype_name == "float16",
         use_cpu=use_cpu,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA parameter is used; the search costs a graph traversal a step
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
         remove_unused_columns=True,

@@ -22,5 +22,25 @@ def pick(training: TrainingSection, cuda: bool) -> str:
     return training.backend
 
 
+def weights_needed(backend: str, precision: str, merged: bool) -> str:
+    """Which base weights the run must fetch (model.fetch's `weights`): '4bit' only for unsloth QLoRA that exports just
+    the adapter, where unsloth's pre-quantized checkpoint serves; everything else (16-bit training, the hf backend,
+    a merged export and its check against the adapter on the 16-bit base) needs the plain 16-bit weights."""
+    four_bit = precision == "4bit" or (precision == "auto" and backend == "unsloth")
+    return "4bit" if backend == "unsloth" and four_bit and not merged else "16bit"
+
+
+def check_precision(precision: str, backend: str, capability: tuple[int, int] | None) -> None:
+    """fp8 needs unsloth on a card with fp8 matmuls (Hopper or newer): refused, never silently replaced."""
+    if precision != "fp8":
+        return
+    if backend != "unsloth" or capability is None:
+        raise SpecError("model.precision: fp8 needs the unsloth backend on a CUDA GPU",
+                        hint="use precision 4bit or 16bit here, or run on an H100/H200")
+    if capability < (9, 0):
+        raise SpecError(f"model.precision: fp8 needs compute capability 9.0 or newer; this GPU has "
+                        f"{capability[0]}.{capability[1]}", hint="use precision 4bit or 16bit, or run on an H100/H200")
+
+
 def load(name: str):
     return importlib.import_module(BACKENDS[name])

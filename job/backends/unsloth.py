@@ -17,14 +17,17 @@ from job.spec import LoraSection, ModelSection, TrainingSection
 def load_for_training(path: Path, model: ModelSection, lora: LoraSection, training: TrainingSection):
     import torch
 
-    four_bit = model.precision in ("auto", "4bit")
+    precision = "4bit" if model.precision == "auto" else model.precision
     dtype = None if model.dtype == "auto" else getattr(torch, model.dtype)
     base, tokenizer = FastLanguageModel.from_pretrained(
         model_name=str(path),
         max_seq_length=training.max_seq_length,
         dtype=dtype,
-        load_in_4bit=four_bit,
+        load_in_4bit=precision == "4bit",
+        # row-wise fp8 scaling: the variant measured to train; see docs/benchmarks.md for "block"
+        load_in_fp8=True if precision == "fp8" else False,
         trust_remote_code=model.trust_remote_code,
+        # device_map stays unsloth's default: under torchrun it puts each rank's copy on that rank's card
     )
     peft_model = FastLanguageModel.get_peft_model(
         base,
@@ -40,7 +43,7 @@ def load_for_training(path: Path, model: ModelSection, lora: LoraSection, traini
         loftq_config=lora.loftq_config or {},
     )
     used = peft_model.get_input_embeddings().weight.dtype if dtype is None else dtype
-    info = {"backend": "unsloth", "precision": "4bit" if four_bit else "16bit", "dtype": str(used).removeprefix("torch.")}
+    info = {"backend": "unsloth", "precision": precision, "dtype": str(used).removeprefix("torch.")}
     return peft_model, tokenizer, info
 
 
