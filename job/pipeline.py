@@ -135,6 +135,8 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
 
     # The backend is imported first: unsloth must patch transformers, trl and peft before anyone imports them.
     backend_name = backends.pick(spec.training, torch.cuda.is_available())
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    backends.check_precision(spec.model.precision, backend_name, capability)
     backend = backends.load(backend_name)
     import datasets  # noqa: F401 - imported so their loggers can be routed now
     import transformers  # noqa: F401

@@ -113,6 +113,8 @@ def test_fail_fast_codes_match_the_runner():
     assert errors.EXIT_TRANSIENT not in fail["onExitCodes"]["values"]
     ignore = next(r for r in rules if r["action"] == "Ignore")
     assert ignore["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    preempted = [r for r in rules if r["action"] == "Ignore" and "onExitCodes" in r]
+    assert preempted[0]["onExitCodes"]["values"] == [errors.EXIT_PREEMPTED]
 
 
 def test_job_hardening():
