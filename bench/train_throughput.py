@@ -105,7 +105,9 @@ def run(args) -> dict:
         import unsloth  # noqa: F401
         from unsloth import FastLanguageModel
 
-        model, _ = FastLanguageModel.from_pretrained(args.model_dir, max_seq_length=args.seq, dtype=None, load_in_4bit=True)
+        model, _ = FastLanguageModel.from_pretrained(args.model_dir, max_seq_length=args.seq, dtype=None,
+                                                     load_in_4bit=args.precision == "4bit",
+                                                     load_in_fp8=True if args.precision == "fp8" else False)
         model = FastLanguageModel.get_peft_model(model, use_gradient_checkpointing="unsloth" if args.checkpointing else False,
                                                  random_state=3407, **lora)
         rates, first = bare_loop(model, args, model.config.vocab_size)
@@ -132,7 +134,7 @@ def run(args) -> dict:
         training = TrainingSection(max_steps=args.steps, batch_size=args.batch, gradient_accumulation_steps=1,
                                    max_seq_length=args.seq, gradient_checkpointing=bool(args.checkpointing),
                                    warmup_steps=0, logging_steps=1)
-        model, tokenizer, info = backend.load_for_training(Path(args.model_dir), ModelSection(name=args.model_dir),
+        model, tokenizer, info = backend.load_for_training(Path(args.model_dir), ModelSection(name=args.model_dir, precision=args.precision),
                                                            LoraSection(), training)
         ids = [row.tolist() for ids in batches(model.config.vocab_size, args.batch, args.seq, args.steps) for row in ids]
         data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
@@ -148,7 +150,7 @@ def run(args) -> dict:
     median = statistics.median(rates)
     ceiling = matmul_ceiling()
     return {
-        "impl": args.impl, "shape": args.shape, "batch": args.batch, "seq": args.seq, "checkpointing": bool(args.checkpointing),
+        "impl": args.impl, "shape": args.shape, "precision": args.precision, "batch": args.batch, "seq": args.seq, "checkpointing": bool(args.checkpointing),
         "tokens_per_second": round(median, 1), "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "time_to_first_step_s": round(first, 1) if first else None, "steps_measured": len(rates),
         "mfu": round(4 * n * median / ceiling, 4), "bf16_matmul_tflops": round(ceiling / 1e12, 1),
@@ -171,6 +173,7 @@ def main() -> None:
     rn.add_argument("--steps", type=int, default=12)
     rn.add_argument("--warmup", type=int, default=3)
     rn.add_argument("--checkpointing", type=int, default=1)
+    rn.add_argument("--precision", choices=["4bit", "16bit", "fp8"], default="4bit", help="base weights (unsloth, job)")
     rn.add_argument("--out", default="")
     args = parser.parse_args()
     if args.cmd == "make-model":

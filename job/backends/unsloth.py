@@ -29,6 +29,13 @@ def load_for_training(path: Path, model: ModelSection, lora: LoraSection, traini
         trust_remote_code=model.trust_remote_code,
         # device_map stays unsloth's default: under torchrun it puts each rank's copy on that rank's card
     )
+    if precision == "fp8":
+        # torchao's fp8 conversion switches inductor's coordinate-descent tuning on for the whole process and leaves
+        # it on, so unsloth's per-layer compile then autotunes every kernel (minutes). Switch it back off.
+        import torch._inductor.config as inductor
+
+        inductor.coordinate_descent_tuning = False
+        inductor.coordinate_descent_check_all_directions = False
     peft_model = FastLanguageModel.get_peft_model(
         base,
         r=lora.r,
