@@ -1,0 +1,498 @@
+"""Predict a (Q)LoRA run's peak GPU memory, tokens/s, wall time and cost per GPU kind, without a GPU or weights.
+
+Everything here is arithmetic over an architecture (the numbers in a config.json) and the spec's training choices,
+so `job plan` runs on a laptop and `job run` can call `choose` to resolve `training.batch_size: auto`,
+`training.gradient_checkpointing: auto` and `model.precision: auto` before loading anything. No torch here.
+
+The constants were fitted to measurements on an H100 80GB (docs/benchmarks.md, "Plan vs measured"); docs/plan.md
+explains the formulas and their known error. Other cards are predicted by scaling with their published dense bf16
+rate and memory bandwidth (job/data/gpus.yaml).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, Literal
+
+import yaml
+
+from job.errors import NotFoundError, SpecError
+
+GIB = 2**30
+Precision = Literal["4bit", "16bit", "fp8"]
+Backend = Literal["unsloth", "hf"]
+
+# --- memory constants (bytes) -----------------------------------------------------------------------------------
+# bitsandbytes NF4 with double quantization: 4 bits, an 8-bit absmax per 64 weights, an fp32 absmax per 256 blocks.
+BYTES_PER_WEIGHT = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "16bit": 2.0, "fp8": 1.0}
+# Optimizer state per trainable parameter (bitsandbytes keeps two uint8 moments; torch's AdamW two fp32 moments).
+OPTIMIZER_BYTES = {"adamw_8bit": 2, "paged_adamw_8bit": 2, "adamw_torch": 8, "adamw_torch_fused": 8, "sgd": 0}
+LORA_WEIGHT_BYTES = 4  # peft keeps adapters in fp32 over a 16-bit or 4-bit base; gradients likewise
+BUFFERS_GIB = 0.03  # rotary tables, norms, cuBLAS workspace: measured static minus the weights (1B, 3B)
+WORKSPACE_GIB = 0.10  # activations' intercept at zero tokens in the unsloth fits
+# unsloth: activation bytes per token, in units of one decoder layer's saved tensors (`Arch.layer_bytes`).
+UNSLOTH_FULL_LAYERS = 1.13  # no checkpointing: every layer's tensors, 13% over the counted ones (1B, 8B fit)
+UNSLOTH_CHECKPOINTED_LAYERS = 2.42  # offloaded checkpointing: about two layers' worth stays on the GPU (1B, 8B fit)
+# transformers+peft QLoRA: prepare_model_for_kbit_training casts embeddings and head to fp32, the residual stream
+# follows, and attention over fp32 inputs materializes its score matrix (b x heads x s x s).
+HF_LOGIT_BYTES = 6.57  # per token and vocabulary entry (fp32 logits and their softmax/gradient copies)
+HF_SCORE_BYTES_CHECKPOINTED = 9.03  # per token, head and key position, one layer at a time
+HF_SCORE_BYTES_FULL = 5.86  # per layer, token, head and key position when every layer keeps its scores
+CUDA_CONTEXT_GIB = 0.8  # mem_get_info's used minus torch's reserved on the H100, CUDA 13
+ALLOCATOR_OVERHEAD = 0.05  # torch's reserved over allocated at the peak (unsloth runs: 1-6%)
+
+# --- speed constants --------------------------------------------------------------------------------------------
+MATMUL_EFFICIENCY = 0.837  # achieved fraction of the card's dense bf16 rate on the model's matmuls (fit)
+ACTIVATION_TRAFFIC = 24.4  # bytes moved per byte of saved activation (elementwise ops, LoRA paths, norms) (fit)
+FP32_EFFICIENCY = 0.293  # hf: fp32 head and attention run at this fraction of the card's fp32 rate (fit)
+FP8_MATMUL_SPEEDUP = 1.22  # unsloth fp8 vs bf16 on the base projections, H100 8B measurement
+DEQUANT_BYTES_PER_WEIGHT = 1.69  # 4-bit: extra bytes moved per weight per pass to dequantize (8B 4bit vs 16bit)
+# Per layer and optimizer step, time the GPU waits on the host (kernel launches, Python): small models at small
+# batches are bound by it, so their tokens/s grow with batch size almost for free.
+HOST_SECONDS_PER_LAYER = {("4bit", True): 0.0117, ("4bit", False): 0.0086, ("16bit", True): 0.0089, ("16bit", False): 0.0065}
+OVERLAP_NORM = 5.35  # step time = (host^p + gpu^p)^(1/p): the two overlap, imperfectly
+REFERENCE_GPU = "h100-sxm"  # the card the constants were fitted on
+
+FP8_MIN_CAPABILITY = (9, 0)  # spec: model.precision fp8 needs compute capability >= 9.0
+PRECISION_ORDER = ("16bit", "fp8", "4bit")  # ties in speed go to the more precise base
+
+
+# --- architecture -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A decoder-only transformer's shape: the numbers the estimates need from a config.json."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    num_experts: int = 1  # mixture of experts: every expert is held in memory, experts_per_token run per token
+    experts_per_token: int = 1
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def projections(self) -> dict[str, tuple[int, int, int]]:
+        """Per layer: module name → (in features, out features, copies)."""
+        h, i, e = self.hidden_size, self.intermediate_size, self.num_experts
+        return {"q_proj": (h, self.q_dim, 1), "k_proj": (h, self.kv_dim, 1), "v_proj": (h, self.kv_dim, 1),
+                "o_proj": (self.q_dim, h, 1), "gate_proj": (h, i, e), "up_proj": (h, i, e), "down_proj": (i, h, e)}
+
+    def linear_params(self, active: bool = False) -> int:
+        """Parameters of the decoder layers' projections (what 4-bit/fp8 quantizes); `active`: those one token uses."""
+        per_layer = 0
+        for fan_in, fan_out, copies in self.projections().values():
+            per_layer += fan_in * fan_out * (min(copies, self.experts_per_token) if active else copies)
+        return self.num_layers * per_layer
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def head_params(self) -> int:
+        """The output head's own parameters: none when it shares the embedding matrix."""
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def layer_bytes(self) -> int:
+        """bf16 bytes one decoder layer saves per token for backward: the layer input, both norm outputs, q, k, v,
+        the attention output, the MLP input and its gate and up projections (flash attention saves no scores)."""
+        h, i = self.hidden_size, self.intermediate_size * min(self.num_experts, self.experts_per_token)
+        return 2 * (4 * h + 2 * self.q_dim + 2 * self.kv_dim + 2 * i)
+
+    def lora_params(self, r: int, target_modules: list[str] | tuple[str, ...]) -> int:
+        shapes = self.projections()
+        per_layer = sum(r * (shapes[m][0] + shapes[m][1]) * shapes[m][2] for m in target_modules if m in shapes)
+        return self.num_layers * per_layer
+
+    @property
+    def total_params(self) -> int:
+        return self.linear_params() + self.embedding_params + self.head_params
+
+
+def arch_from_config(config: dict[str, Any], name: str = "") -> Arch:
+    """An `Arch` from a Hugging Face config.json (or the same numbers from GGUF metadata / the shipped table)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+
+    def first(*keys: str, default: Any = None) -> Any:
+        for key in keys:
+            if text.get(key) is not None:
+                return text[key]
+        return default
+
+    hidden = first("hidden_size", "n_embd", "d_model")
+    layers = first("num_hidden_layers", "n_layer", "num_layers")
+    heads = first("num_attention_heads", "n_head")
+    vocab = first("vocab_size")
+    missing = [k for k, v in {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+                              "vocab_size": vocab}.items() if not v]
+    if missing:
+        raise SpecError(f"model config of {name or 'the model'} lacks {', '.join(missing)}: not a decoder-only LM config")
+    experts = int(first("num_local_experts", "num_experts", "n_routed_experts", default=1) or 1)
+    intermediate = first("moe_intermediate_size") if experts > 1 and first("moe_intermediate_size") else None
+    intermediate = intermediate or first("intermediate_size", "n_inner", "ffn_dim", default=None) or 4 * hidden
+    # A config that does not say is treated as untied (Llama, Mistral and Qwen2 configs default to untied), which
+    # counts the larger memory.
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    return Arch(
+        name=name or str(config.get("_name_or_path") or config.get("model_type") or "model"),
+        hidden_size=int(hidden),
+        num_layers=int(layers),
+        num_heads=int(heads),
+        num_kv_heads=int(first("num_key_value_heads", default=heads)),
+        head_dim=int(first("head_dim", default=None) or hidden // heads),
+        intermediate_size=int(intermediate),
+        vocab_size=int(vocab),
+        tie_word_embeddings=bool(tied),
+        num_experts=experts,
+        experts_per_token=int(first("num_experts_per_tok", "num_experts_per_token", default=1) or 1) if experts > 1 else 1,
+    )
+
+
+# Name parts that do not change the architecture: unsloth's pre-quantized uploads, chat tunes, the hub org.
+_NEUTRAL_PARTS = {"instruct", "it", "chat", "bnb", "4bit", "unsloth", "hf", "base", "dynamic", "gguf", "fp8", "awq", "gptq"}
+
+
+def normalize_model_id(model_id: str) -> str:
+    """'unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit' → 'llama-3.1-8b' (the key of job/data/architectures.yaml)."""
+    last = re.split(r"[/:]", model_id.rstrip("/"))[-1].lower()
+    last = re.sub(r"\.(gguf|safetensors)$", "", last)
+    last = re.sub(r"[.-](i?q\d\w*|f16|bf16|f32)$", "", last)  # a GGUF file's quantization tag
+    parts = [p for p in last.split("-") if p and p not in _NEUTRAL_PARTS]
+    if parts and parts[0] == "meta":
+        parts = parts[1:]
+    return "-".join(parts)
+
+
+@cache
+def _data(name: str) -> dict[str, Any]:
+    return yaml.safe_load(resources.files("job").joinpath("data", name).read_text())
+
+
+def known_architectures() -> dict[str, dict[str, Any]]:
+    return _data("architectures.yaml")["architectures"]
+
+
+def arch_from_table(model_id: str) -> Arch | None:
+    """The shipped config of a well-known model, matched on its normalized id and the table's aliases."""
+    wanted = normalize_model_id(model_id)
+    for key, entry in known_architectures().items():
+        names = {key, *(normalize_model_id(a) for a in entry.get("aliases", []))}
+        if wanted in names:
+            return arch_from_config(entry["config"], name=key)
+    return None
+
+
+# --- GPUs and prices ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gpu:
+    kind: str
+    name: str
+    memory_gib: float  # what torch.cuda reports as total memory
+    bf16_tflops: float  # dense (no sparsity) bf16 tensor rate, published
+    fp32_tflops: float  # non-tensor fp32 rate, published
+    bandwidth_gbs: float  # memory bandwidth, GB/s, published
+    compute_capability: tuple[int, int]
+
+    @property
+    def supports_fp8(self) -> bool:
+        return self.compute_capability >= FP8_MIN_CAPABILITY
+
+
+def gpus() -> dict[str, Gpu]:
+    out = {}
+    for kind, entry in _data("gpus.yaml")["gpus"].items():
+        major, minor = (int(x) for x in str(entry["compute_capability"]).split("."))
+        out[kind] = Gpu(kind=kind, name=entry["name"], memory_gib=float(entry["memory_gib"]),
+                        bf16_tflops=float(entry["bf16_tflops"]), fp32_tflops=float(entry["fp32_tflops"]),
+                        bandwidth_gbs=float(entry["bandwidth_gbs"]), compute_capability=(major, minor))
+    return out
+
+
+def gpu(kind: str) -> Gpu:
+    table = gpus()
+    if kind not in table:
+        raise SpecError(f"unknown GPU kind {kind!r}", hint=f"known kinds: {', '.join(table)}")
+    return table[kind]
+
+
+def gpu_for_device(device_name: str, memory_gib: float, capability: tuple[int, int]) -> Gpu:
+    """The table's entry for a CUDA device seen at run time (torch.cuda.get_device_name / properties), with the
+    memory the device reports. An unknown card gets the reference card's rates: `choose` compares configurations
+    on one card, so only the ranking matters there, and memory is what decides."""
+    wanted = device_name.lower()
+    best = None
+    for entry in gpus().values():
+        patterns = _data("gpus.yaml")["gpus"][entry.kind].get("device_names", [])
+        if any(p.lower() in wanted for p in patterns) and abs(entry.memory_gib - memory_gib) < 0.15 * memory_gib:
+            best = entry
+            break
+    base = best or gpus()[REFERENCE_GPU]
+    return Gpu(kind=base.kind if best else "unknown", name=device_name, memory_gib=memory_gib, bf16_tflops=base.bf16_tflops,
+               fp32_tflops=base.fp32_tflops, bandwidth_gbs=base.bandwidth_gbs, compute_capability=tuple(capability))
+
+
+def load_prices(text: str | None = None) -> dict[str, Any]:
+    """The price table: job/data/prices.yaml, or the YAML text of a `--prices FILE`."""
+    data = yaml.safe_load(text) if text is not None else _data("prices.yaml")
+    if not isinstance(data, dict) or not isinstance(data.get("prices"), dict):
+        raise SpecError("a price table must be a mapping with `prices: {KIND: {usd_per_hour: N, source: ...}}`")
+    for kind, entry in data["prices"].items():
+        value = entry.get("usd_per_hour") if isinstance(entry, dict) else entry
+        if not isinstance(value, (int, float)) or value < 0:
+            raise SpecError(f"prices.{kind}: usd_per_hour must be a non-negative number (got {value!r})")
+    return data
+
+
+def price_per_hour(prices: dict[str, Any], kind: str) -> float | None:
+    entry = prices["prices"].get(kind)
+    if entry is None:
+        return None
+    return float(entry["usd_per_hour"] if isinstance(entry, dict) else entry)
+
+
+# --- memory -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Predicted GPU memory in GiB. `peak_allocated` is what torch.cuda.max_memory_allocated() reports;
+    `total` adds what the allocator reserves beyond it and the CUDA context: what must fit on the card."""
+
+    base_weights: float
+    lora_weights: float
+    gradients_and_optimizer: float
+    activations: float
+    allocator: float
+    cuda_context: float
+
+    @property
+    def peak_allocated(self) -> float:
+        return self.base_weights + self.lora_weights + self.gradients_and_optimizer + self.activations
+
+    @property
+    def total(self) -> float:
+        return self.peak_allocated + self.allocator + self.cuda_context
+
+    def as_dict(self) -> dict[str, float]:
+        out = {k: round(v, 3) for k, v in asdict(self).items()}
+        out.update(peak_allocated=round(self.peak_allocated, 3), total=round(self.total, 3))
+        return out
+
+
+def estimate_memory(
+    arch: Arch,
+    *,
+    precision: Precision,
+    lora_r: int,
+    target_modules: list[str] | tuple[str, ...],
+    batch_size: int,
+    seq_len: int,
+    checkpointing: bool,
+    backend: Backend = "unsloth",
+    optim: str = "adamw_8bit",
+) -> Memory:
+    """Peak GPU memory of LoRA training at one micro-batch of `batch_size` rows padded to `seq_len` tokens."""
+    tokens = batch_size * seq_len
+    # transformers' kbit preparation upcasts every non-quantized parameter to fp32; unsloth keeps them in bf16.
+    embed_bytes = 4 if backend == "hf" and precision == "4bit" else 2
+    base = (arch.linear_params() * BYTES_PER_WEIGHT[precision]
+            + (arch.embedding_params + arch.head_params) * embed_bytes) / GIB + BUFFERS_GIB
+    lora = arch.lora_params(lora_r, target_modules)
+    lora_gib = lora * LORA_WEIGHT_BYTES / GIB
+    states_gib = lora * (LORA_WEIGHT_BYTES + OPTIMIZER_BYTES.get(optim, 8)) / GIB
+    if backend == "hf":
+        per_token = HF_LOGIT_BYTES * arch.vocab_size
+        if checkpointing:
+            per_token += 4 * arch.num_layers * arch.hidden_size + 2 * arch.layer_bytes
+            per_token += HF_SCORE_BYTES_CHECKPOINTED * arch.num_heads * seq_len
+        else:
+            per_token += arch.num_layers * (2 * arch.layer_bytes + HF_SCORE_BYTES_FULL * arch.num_heads * seq_len)
+    else:
+        layers = UNSLOTH_CHECKPOINTED_LAYERS if checkpointing else UNSLOTH_FULL_LAYERS * arch.num_layers
+        per_token = layers * arch.layer_bytes
+    activations = tokens * per_token / GIB + WORKSPACE_GIB
+    peak = base + lora_gib + states_gib + activations
+    return Memory(base_weights=base, lora_weights=lora_gib, gradients_and_optimizer=states_gib, activations=activations,
+                  allocator=ALLOCATOR_OVERHEAD * peak, cuda_context=CUDA_CONTEXT_GIB)
+
+
+# --- speed --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Speed:
+    tokens_per_second: float
+    step_seconds: float
+    gpu_seconds: float  # the GPU's own work per step
+    host_seconds: float  # the launch-bound floor per step
+    bound: Literal["gpu", "host"]
+
+
+def estimate_throughput(
+    arch: Arch,
+    gpu: Gpu,
+    *,
+    precision: Precision,
+    lora_r: int,
+    target_modules: list[str] | tuple[str, ...],
+    batch_size: int,
+    seq_len: int,
+    checkpointing: bool,
+    backend: Backend = "unsloth",
+) -> Speed:
+    """Training tokens per second (rows x padded length per step / step time) on `gpu`."""
+    tokens = batch_size * seq_len
+    passes = 3 if checkpointing else 2  # forward, input-gradient backward (the base is frozen), recompute
+    linear_flops = 2 * arch.linear_params(active=True) * passes
+    if precision == "fp8" and gpu.supports_fp8:
+        linear_flops /= FP8_MATMUL_SPEEDUP
+    head_flops = 4 * arch.embedding_params  # forward and input gradient through the output head
+    lora_flops = 6 * arch.lora_params(lora_r, target_modules)
+    # causal attention: QK^T and AV, s/2 keys on average; flash backward is about 2.5 forwards
+    attention_flops = arch.num_layers * 2 * seq_len * arch.q_dim * (4.5 if checkpointing else 3.5)
+    flops = linear_flops + lora_flops + (0 if backend == "hf" else head_flops + attention_flops)
+    traffic = ACTIVATION_TRAFFIC * arch.num_layers * arch.layer_bytes * (4 / 3 if checkpointing else 1)
+    per_token = flops / (MATMUL_EFFICIENCY * gpu.bf16_tflops * 1e12) + traffic / (gpu.bandwidth_gbs * 1e9)
+    if backend == "hf":
+        # fp32 output head (forward + input gradient) and attention over fp32 inputs without a fused kernel
+        fp32_flops = head_flops + arch.num_layers * 4 * seq_len * arch.q_dim * (4 if checkpointing else 3)
+        per_token += fp32_flops / (FP32_EFFICIENCY * gpu.fp32_tflops * 1e12)
+    gpu_seconds = tokens * per_token
+    if precision == "4bit":
+        gpu_seconds += passes * arch.linear_params() * DEQUANT_BYTES_PER_WEIGHT / (gpu.bandwidth_gbs * 1e9)
+    host = arch.num_layers * HOST_SECONDS_PER_LAYER[("4bit" if precision == "4bit" else "16bit", checkpointing)]
+    step = (gpu_seconds**OVERLAP_NORM + host**OVERLAP_NORM) ** (1 / OVERLAP_NORM)
+    return Speed(tokens_per_second=tokens / step, step_seconds=step, gpu_seconds=gpu_seconds, host_seconds=host,
+                 bound="gpu" if gpu_seconds >= host else "host")
+
+
+# --- choosing a configuration -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Choice:
+    batch_size: int
+    gradient_checkpointing: bool
+    precision: Precision
+    fits: bool
+    memory: Memory
+    tokens_per_second: float
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "gradient_checkpointing": self.gradient_checkpointing,
+                "precision": self.precision, "fits": self.fits, "memory_gib": self.memory.as_dict(),
+                "tokens_per_second": round(self.tokens_per_second, 1), "reason": self.reason}
+
+
+BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def supported_precisions(gpu: Gpu, backend: Backend) -> tuple[Precision, ...]:
+    """What `model.precision: auto` may pick: fp8 only through unsloth on compute capability >= 9.0."""
+    if backend == "unsloth" and gpu.supports_fp8:
+        return ("4bit", "16bit", "fp8")
+    return ("4bit", "16bit")
+
+
+def choose(
+    arch: Arch,
+    gpu: Gpu,
+    *,
+    lora_r: int,
+    target_modules: list[str] | tuple[str, ...],
+    seq_len: int,
+    batch_size: int | Literal["auto"] = "auto",
+    gradient_checkpointing: bool | Literal["auto"] = "auto",
+    precision: Precision | Literal["auto"] = "auto",
+    backend: Backend = "unsloth",
+    optim: str = "adamw_8bit",
+    headroom: float = 0.10,
+    max_batch_size: int | None = None,
+    precisions: tuple[Precision, ...] | None = None,
+) -> Choice:
+    """The fastest configuration predicted to fit in `gpu.memory_gib` with `headroom` (a fraction of the card)
+    left free. Fixed (non-auto) arguments are kept as given. When nothing fits, the smallest configuration is
+    returned with fits=False, so callers can refuse it with the predicted numbers in hand.
+
+    `max_batch_size` caps auto batch sizes (no point in a micro-batch larger than the dataset); `precisions`
+    narrows what precision auto may pick (default: all the card and backend support).
+    """
+    if precision == "fp8" and not gpu.supports_fp8:
+        memory = estimate_memory(arch, precision="16bit", lora_r=lora_r, target_modules=target_modules,
+                                 batch_size=batch_size if batch_size != "auto" else 1, seq_len=seq_len,
+                                 checkpointing=gradient_checkpointing is not False, backend=backend, optim=optim)
+        cc = ".".join(map(str, gpu.compute_capability))
+        return Choice(batch_size if batch_size != "auto" else 1, gradient_checkpointing is not False, "fp8", False,
+                      memory, 0.0, f"fp8 needs compute capability >= 9.0; {gpu.name} has {cc}")
+    batches = [batch_size] if batch_size != "auto" else [
+        b for b in BATCH_CANDIDATES if max_batch_size is None or b <= max(1, max_batch_size)]
+    checkpointing_options = [gradient_checkpointing] if gradient_checkpointing != "auto" else [False, True]
+    precision_options = [precision] if precision != "auto" else list(precisions or supported_precisions(gpu, backend))
+    limit = gpu.memory_gib * (1 - headroom)
+    candidates = []
+    for p in precision_options:
+        for ckpt in checkpointing_options:
+            for b in batches:
+                common = dict(precision=p, lora_r=lora_r, target_modules=target_modules, batch_size=b, seq_len=seq_len,
+                              checkpointing=ckpt, backend=backend)
+                memory = estimate_memory(arch, optim=optim, **common)
+                speed = estimate_throughput(arch, gpu, **common)
+                candidates.append((memory, speed, b, ckpt, p))
+    fitting = [c for c in candidates if c[0].total <= limit]
+    if not fitting:
+        memory, speed, b, ckpt, p = min(candidates, key=lambda c: c[0].total)
+        reason = (f"does not fit: needs {memory.total:.1f} GiB at best (batch {b}, checkpointing {'on' if ckpt else 'off'}, "
+                  f"{p}); {gpu.name} has {gpu.memory_gib:.0f} GiB and {headroom:.0%} is kept free")
+        return Choice(b, ckpt, p, False, memory, speed.tokens_per_second, reason)
+    # fastest; within 2% prefer the more precise base, then less memory
+    best_rate = max(c[1].tokens_per_second for c in fitting)
+    near = [c for c in fitting if c[1].tokens_per_second >= 0.98 * best_rate]
+    memory, speed, b, ckpt, p = min(near, key=lambda c: (PRECISION_ORDER.index(c[4]), -c[1].tokens_per_second))
+    picked = [name for name, value in (("batch_size", batch_size), ("gradient_checkpointing", gradient_checkpointing),
+                                       ("precision", precision)) if value == "auto"]
+    reason = (f"{memory.total:.1f} of {gpu.memory_gib:.0f} GiB predicted ({limit:.0f} usable with {headroom:.0%} headroom)")
+    if picked:
+        reason = f"fastest predicted to fit ({', '.join(picked)} auto): " + reason
+    return Choice(b, ckpt, p, True, memory, speed.tokens_per_second, reason)
+
+
+# --- wall time ----------------------------------------------------------------------------------------------------
+
+
+def expected_batch_length(lengths: list[int], batch_size: int) -> float:
+    """Mean padded length of a micro-batch of `batch_size` rows drawn at random: the expected longest row.
+    (Rows are padded to the longest in their batch; order statistic of sampling with replacement.)"""
+    ordered = sorted(lengths)
+    n = len(ordered)
+    return sum(length * ((k / n) ** batch_size - ((k - 1) / n) ** batch_size) for k, length in enumerate(ordered, 1))
+
+
+def micro_batches(rows: int, tokens: int, *, batch_size: int, accumulation: int, epochs: float, max_steps: int,
+                  packing: bool, seq_len: int) -> int:
+    """Forward/backward passes the run makes: max_steps when set, else epochs over the rows (or packed sequences)."""
+    if max_steps > 0:
+        return max_steps * accumulation
+    units = math.ceil(tokens / seq_len) if packing else rows
+    steps_per_epoch = math.ceil(units / (batch_size * accumulation))
+    return math.ceil(steps_per_epoch * epochs) * accumulation
