@@ -67,7 +67,7 @@ def test_a_run_leaks_no_secret_to_logs_published_files_or_work_dir(tmp_path, s3_
                tmp_path, s3_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     published = bucket_objects(bucket)
-    assert {"runs/smoke/manifest.json", "runs/smoke/README.md", "runs/smoke/spec.yaml", "runs/smoke/metrics.jsonl"} <= set(published)
+    assert {f"runs/smoke/{name}" for name in ("manifest.json", "README.md", "spec.yaml", "metrics.jsonl")} <= set(published)
     assert leaks({"stdout": proc.stdout.encode(), "stderr": proc.stderr.encode()}) == []
     assert leaks(published) == []
     assert leaks(files_under(tmp_path / "work")) == []
