@@ -496,3 +496,264 @@ def micro_batches(rows: int, tokens: int, *, batch_size: int, accumulation: int,
     units = math.ceil(tokens / seq_len) if packing else rows
     steps_per_epoch = math.ceil(units / (batch_size * accumulation))
     return math.ceil(steps_per_epoch * epochs) * accumulation
+
+
+# --- inputs: the model's architecture and the data's token count (I/O at the edges) ------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedArch:
+    arch: Arch
+    source: str  # where the numbers came from, said in the output
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(endpoint)
+    try:
+        with socket.create_connection((parsed.hostname or "huggingface.co", parsed.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def read_gguf_config(path) -> dict[str, Any]:
+    """A config.json-like dict from a GGUF file's metadata (the tensors are not read)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    fields = reader.fields
+
+    def value(key: str) -> Any:
+        field = fields.get(key)
+        if field is None:
+            return None
+        raw = field.parts[field.data[0]]
+        return bytes(raw).decode() if field.types and field.types[0].name == "STRING" else raw[0].item()
+
+    arch = value("general.architecture") or "llama"
+    vocab = value(f"{arch}.vocab_size")
+    if vocab is None and "tokenizer.ggml.tokens" in fields:
+        vocab = len(fields["tokenizer.ggml.tokens"].data)
+    heads = value(f"{arch}.attention.head_count")
+    hidden = value(f"{arch}.embedding_length")
+    return {
+        "model_type": arch,
+        "hidden_size": hidden,
+        "num_hidden_layers": value(f"{arch}.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": value(f"{arch}.attention.head_count_kv") or heads,
+        "head_dim": value(f"{arch}.attention.key_length") or (hidden // heads if hidden and heads else None),
+        "intermediate_size": value(f"{arch}.feed_forward_length"),
+        "vocab_size": vocab,
+        "num_local_experts": value(f"{arch}.expert_count") or 1,
+        "num_experts_per_tok": value(f"{arch}.expert_used_count") or 1,
+        # llama.cpp writes no output.weight when the head shares the embedding matrix
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+    }
+
+
+def resolve_arch(model, *, s3=None, hub_endpoint: str = "https://huggingface.co", hub_offline: bool = False,
+                 config_file=None) -> ResolvedArch:
+    """The architecture of `model` (the spec's ModelSection) from config only, never weights: an explicit
+    config.json, a local checkpoint's config.json, an s3:// checkpoint's config.json, a GGUF's metadata, the hub
+    when reachable, else the shipped table of well-known models."""
+    import json
+    from pathlib import Path
+
+    from job.storage import S3Settings, open_location
+
+    name = model.name
+    if config_file is not None:
+        return ResolvedArch(arch_from_config(json.loads(Path(config_file).read_text()), name), f"config file {config_file}")
+    if name.startswith("pkg://") or name.endswith(".gguf"):
+        from job.model import package_file
+
+        path = package_file(name, "model.name") if name.startswith("pkg://") else Path(name).expanduser()
+        if not path.is_file():
+            raise NotFoundError(f"model.name: no GGUF file at {path}")
+        return ResolvedArch(arch_from_config(read_gguf_config(path), normalize_model_id(name)), f"GGUF metadata of {path.name}")
+    if name.startswith("s3://"):
+        store = open_location(name, s3 or S3Settings())
+        return ResolvedArch(arch_from_config(json.loads(store.read_bytes("config.json")), normalize_model_id(name)),
+                            f"config.json at {name}")
+    local = Path(name).expanduser()
+    if (local / "config.json").is_file():
+        return ResolvedArch(arch_from_config(json.loads((local / "config.json").read_text()), local.name),
+                            f"config.json in {local}")
+    why = f"{name.split('://')[0]}:// sources are not read by plan" if "://" in name else "no such local checkpoint"
+    if "://" not in name and name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        why = _hub_config_unavailable(model, hub_endpoint, hub_offline)
+        if isinstance(why, dict):
+            return ResolvedArch(arch_from_config(why, normalize_model_id(name)), f"config.json from the hub ({name})")
+    table = arch_from_table(name)
+    if table is not None:
+        return ResolvedArch(table, f"built-in table entry {table.name} ({why})")
+    raise NotFoundError(f"model.name: no architecture for {name}: {why}, and it is not in the built-in table",
+                        hint="pass --config path/to/config.json (the model's config.json; no weights needed)")
+
+
+def _hub_config_unavailable(model, endpoint: str, offline: bool) -> dict[str, Any] | str:
+    """The hub's config.json for `model` (a dict), or why it could not be had (a string)."""
+    import json
+
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model.name, "config.json", revision=model.revision)
+    if isinstance(cached, str):
+        return json.loads(open(cached).read())
+    if offline:
+        return "hub offline (HF_HUB_OFFLINE) and not cached"
+    if not _hub_reachable(endpoint):
+        return f"hub {endpoint} unreachable"
+    try:
+        path = hf_hub_download(model.name, "config.json", revision=model.revision, endpoint=endpoint,
+                               token=model.token.get_secret_value() if model.token else None)
+    except Exception as exc:  # noqa: BLE001 - any hub failure falls back to the table, and says why
+        return f"hub answered {type(exc).__name__}"
+    return json.loads(open(path).read())
+
+
+@dataclass(frozen=True)
+class DataTokens:
+    """The rows and tokens one epoch trains on, and how they were counted."""
+
+    rows: int | None
+    tokens: int | None
+    lengths: tuple[int, ...]  # per row, after truncation to max_seq_length
+    method: str
+
+    @property
+    def longest(self) -> int | None:
+        return max(self.lengths) if self.lengths else None
+
+
+def count_tokens(spec, *, work_dir, s3=None, tokenizer=None, hub_reachable: bool = False) -> DataTokens:
+    """Count the training tokens: with the model's own tokenizer and chat template when one is given (exactly as
+    `job run` tokenizes), else estimated from the text's bytes (4 bytes a token, plus a few per message)."""
+    from pathlib import Path
+
+    from job import data as datas
+    from job.errors import JobError
+
+    source = spec.data.source
+    remote_hub = not (source.startswith(("pkg://", "s3://", "https://", "http://")) or Path(source).expanduser().exists())
+    if remote_hub and not hub_reachable:
+        return DataTokens(None, None, (), f"not counted: {source} is a hub dataset and the hub is unreachable")
+    try:
+        rows, _ = datas.read_rows(spec.data, Path(work_dir), s3)
+        template = datas.choose_template(tokenizer, spec.data.chat_template) if tokenizer is not None else (
+            spec.data.chat_template if spec.data.chat_template not in ("auto", "model") else "chatml")
+        normalized = datas.normalize(rows, spec.data, template)
+        limit = spec.training.max_seq_length
+        if tokenizer is not None:
+            tokenized = datas.tokenize(tokenizer, normalized, limit, spec.data.train_on_responses_only)
+            lengths = tuple(len(ids) for ids in tokenized.input_ids)
+            return DataTokens(len(lengths), sum(lengths), lengths, "counted with the model's tokenizer")
+    except JobError as exc:
+        return DataTokens(None, None, (), f"not counted: {exc}")
+    lengths = tuple(min(limit, _estimated_tokens(example)) for _, example in normalized.examples)
+    return DataTokens(len(lengths), sum(lengths), lengths, "estimated from bytes (4 bytes a token; no tokenizer at hand)")
+
+
+def _estimated_tokens(example) -> int:
+    texts = [m["content"] for m in example.messages or []] + [example.text or "", example.prompt or "", example.completion or ""]
+    per_message = 6  # role markers and separators of a chat template
+    return math.ceil(sum(len(t.encode()) for t in texts) / 4) + per_message * len(example.messages or [])
+
+
+# --- one spec on every kind -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KindPlan:
+    gpu: Gpu
+    choice: Choice  # the spec as written, its auto fields resolved for this card
+    all_auto: Choice  # batch size, checkpointing and precision all left to auto
+    padded_length: float  # mean tokens per row after padding to the longest in its micro-batch
+    micro_batches: int | None
+    seconds: float | None  # training only: model load, export and verification are not counted
+    usd_per_hour: float | None
+    usd: float | None
+
+    @property
+    def usd_per_million_tokens(self) -> float | None:
+        if self.usd_per_hour is None or not self.choice.fits or self.choice.tokens_per_second <= 0:
+            return None
+        return self.usd_per_hour / (self.choice.tokens_per_second * 3600) * 1e6
+
+    def as_dict(self) -> dict[str, Any]:
+        per_million = self.usd_per_million_tokens
+        return {"kind": self.gpu.kind, "gpu": self.gpu.name, "memory_gib": self.gpu.memory_gib, "fits": self.choice.fits,
+                "choice": self.choice.as_dict(), "all_auto": self.all_auto.as_dict(),
+                "padded_length": round(self.padded_length, 1), "micro_batches": self.micro_batches,
+                "hours": round(self.seconds / 3600, 3) if self.seconds is not None else None,
+                "usd_per_hour": self.usd_per_hour, "usd": round(self.usd, 4) if self.usd is not None else None,
+                "usd_per_million_tokens": round(per_million, 4) if per_million is not None else None}
+
+
+def spec_backend(spec) -> Backend:
+    """On a GPU, `training.backend: auto` is unsloth (job/backends/__init__.py)."""
+    return "hf" if spec.training.backend == "hf" else "unsloth"
+
+
+def plan_kind(spec, arch: Arch, tokens: DataTokens, card: Gpu, prices: dict[str, Any], headroom: float = 0.10) -> KindPlan:
+    training, backend = spec.training, spec_backend(spec)
+    # Memory is decided by the longest micro-batch the run will see; speed by the typical one.
+    longest = training.max_seq_length if training.packing or tokens.longest is None else min(tokens.longest, training.max_seq_length)
+    common = dict(lora_r=spec.lora.r, target_modules=tuple(spec.lora.target_modules), seq_len=longest, backend=backend,
+                  optim=training.optim, headroom=headroom, max_batch_size=tokens.rows)
+    choice = choose(arch, card, batch_size=training.batch_size, gradient_checkpointing=training.gradient_checkpointing,
+                    precision=spec.model.precision, **common)
+    all_auto = choose(arch, card, **common)
+    if training.packing or not tokens.lengths:
+        padded = float(longest)
+    else:
+        padded = expected_batch_length(list(tokens.lengths), choice.batch_size)
+    count = None
+    if training.max_steps > 0 or tokens.rows is not None:
+        count = micro_batches(tokens.rows or 0, tokens.tokens or 0, batch_size=choice.batch_size,
+                              accumulation=training.gradient_accumulation_steps, epochs=training.num_epochs,
+                              max_steps=training.max_steps, packing=training.packing, seq_len=training.max_seq_length)
+    seconds = None
+    if count is not None and choice.fits:
+        speed = estimate_throughput(arch, card, precision=choice.precision, lora_r=spec.lora.r,
+                                    target_modules=tuple(spec.lora.target_modules), batch_size=choice.batch_size,
+                                    seq_len=max(1, round(padded)), checkpointing=choice.gradient_checkpointing, backend=backend)
+        seconds = count * speed.step_seconds
+    rate = price_per_hour(prices, card.kind)
+    usd = seconds / 3600 * rate if seconds is not None and rate is not None else None
+    return KindPlan(card, choice, all_auto, padded, count, seconds, rate, usd)
+
+
+def recommend(plans: list[KindPlan]) -> KindPlan | None:
+    """The cheapest kind predicted to fit the spec as written: by the run's cost, or by the cost of a million
+    tokens when the run's length is unknown; the fastest where prices are unknown. Never one predicted to run out
+    of memory."""
+    fitting = [p for p in plans if p.choice.fits]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda p: (p.usd if p.usd is not None else math.inf,
+                                       p.usd_per_million_tokens if p.usd_per_million_tokens is not None else math.inf,
+                                       -p.choice.tokens_per_second))
+
+
+def notes(spec, arch: Arch) -> list[str]:
+    """What the estimate does not model for this spec."""
+    out = []
+    if spec_backend(spec) == "unsloth" and (spec.lora.dropout > 0 or spec.lora.bias != "none"):
+        out.append("lora.dropout > 0 or lora.bias != none turns off unsloth's fused LoRA kernels: expect lower "
+                   "tokens/s than predicted (not measured)")
+    if arch.num_experts > 1:
+        out.append("mixture-of-experts model: memory counts every expert, speed the active ones; never measured")
+    if spec_backend(spec) == "hf":
+        out.append("backend hf: fitted on 1B and checked on 3B and 8B 4-bit shapes only (docs/benchmarks.md); "
+                   "hf with a 16-bit base was never measured and is modelled like hf 4-bit (pessimistic)")
+    if spec.model.precision == "fp8" and spec_backend(spec) == "hf":
+        out.append("model.precision fp8 is an unsloth feature; the hf backend has no fp8 path")
+    unknown = [m for m in spec.lora.target_modules if m not in arch.projections()]
+    if unknown:
+        out.append(f"lora.target_modules {unknown} are not decoder projections the estimate knows: not counted")
+    return out
