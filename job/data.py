@@ -66,6 +66,8 @@ def read_rows(data: DataSection, work_dir: Path, s3: S3Settings) -> tuple[list[A
         return _read_local(path), source
     if source.startswith("s3://"):
         return _read_s3(source, work_dir, s3), source
+    if source.startswith(("https://", "http://")):
+        return _read_url(source, work_dir), source
     path = Path(source).expanduser()
     if path.exists():
         return _read_local(path), str(path)
@@ -171,6 +173,26 @@ def _download(store, key: str, work_dir: Path) -> Path:
         raise TransientError(f"data.source: {exc.message}",
                              hint=exc.hint or "the storage did not answer; the same run may succeed when retried") from exc
     return local
+
+
+def _read_url(url: str, work_dir: Path) -> list[Any]:
+    """One file published on the web (a tutorial's dataset in its git repository, say)."""
+    from urllib.parse import urlparse
+
+    from job.storage import read_uri
+
+    name = Path(urlparse(url).path).name
+    if not name.lower().endswith(SUPPORTED):
+        raise DataError(f"data.source: {url} does not name a {', '.join(SUPPORTED)} file",
+                        hint="point data.source at the URL of one data file")
+    try:
+        body = read_uri(url)
+    except (NotFoundError, TransientError) as exc:
+        raise type(exc)(f"data.source: {exc.message}", hint=exc.hint) from exc
+    local = work_dir / "data" / "url" / name
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_bytes(body)
+    return _read_file(local, url)
 
 
 def _read_hub(data: DataSection) -> list[Any]:
@@ -283,12 +305,18 @@ def normalize(rows: list[Any], data: DataSection, template_name: str) -> Normali
         raise DataError(f"data.source: {data.source} is empty: it holds no rows",
                         hint="point data.source at a dataset with at least one row")
     fmt = data.format if data.format != "auto" else detect_format(rows)
+    if data.system_prompt and fmt in ("text", "prompt_completion"):
+        raise DataError(f"data.system_prompt: format '{fmt}' has no conversation to put a system message in",
+                        hint="use it with alpaca, sharegpt or messages rows, or remove it")
     if data.max_rows:
         rows = rows[: data.max_rows]
     result = Normalized(format=fmt, examples=[], rows_read=len(rows))
     for number, row in enumerate(rows, start=1):
         try:
-            result.examples.append((number, normalize_row(row, fmt, template_name == "alpaca")))
+            example = normalize_row(row, fmt, template_name == "alpaca")
+            if data.system_prompt and not any(m["role"] == "system" for m in example.messages):
+                example.messages.insert(0, {"role": "system", "content": data.system_prompt})
+            result.examples.append((number, example))
         except ValueError as exc:
             reason = str(exc)
             result.dropped[reason] += 1
@@ -462,6 +490,18 @@ def tokenize(tokenizer, normalized: Normalized, max_seq_length: int, responses_o
     return out
 
 
+SAMPLE_FILE, SAMPLE_ROWS = "tokenized-sample.jsonl", 16
+
+
+def write_sample(path: Path, tokenized: Tokenized) -> None:
+    """The first rows exactly as the trainer receives them (ids and labels), left in the work dir so the template,
+    the EOS and the loss mask a run really used can be checked afterwards."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for ids, labels in list(zip(tokenized.input_ids, tokenized.labels))[:SAMPLE_ROWS]:
+            fh.write(json.dumps({"input_ids": ids, "labels": labels}) + "\n")
+
+
 def prepare(data: DataSection, tokenizer, max_seq_length: int, work_dir: Path, s3: S3Settings):
     """Read, normalize and tokenize. Returns (datasets.Dataset, stats dict, template name)."""
     import datasets
@@ -490,5 +530,6 @@ def prepare(data: DataSection, tokenizer, max_seq_length: int, work_dir: Path, s
     for reason, numbers in normalized.dropped_rows.items():
         events.warning("data.rows.dropped", reason=reason, count=len(numbers), first_rows=numbers[:10])
     events.info("data.load.finished", **stats)
+    write_sample(work_dir / "data" / SAMPLE_FILE, tokenized)
     dataset = datasets.Dataset.from_dict({"input_ids": tokenized.input_ids, "labels": tokenized.labels})
     return dataset, stats, template

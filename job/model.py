@@ -1,9 +1,10 @@
 """Fetch the base model into a local Hugging Face checkpoint directory.
 
-Sources: a Hugging Face id, a local checkpoint directory, a local .gguf file, pkg://package/file.gguf
-(a model shipped inside a Python package), or s3://bucket/prefix holding a checkpoint. GGUF files are
-materialized once into a bf16 safetensors checkpoint in the cache, because training and merging need
-plain weights.
+Sources: a Hugging Face id, modelscope://owner/name, a local checkpoint directory, a local .gguf file,
+pkg://package/file.gguf (a model shipped inside a Python package), or s3://bucket/prefix holding a checkpoint.
+GGUF files are materialized once into a bf16 safetensors checkpoint in the cache, because training and merging
+need plain weights. The hubs' own clients read their settings from the environment, as boto3 does for S3:
+HF_ENDPOINT and HF_TOKEN (huggingface_hub), MODELSCOPE_ENDPOINT and MODELSCOPE_API_TOKEN (modelscope).
 """
 
 from __future__ import annotations
@@ -23,15 +24,26 @@ CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".ckpt")  # never loaded: unpickling can run code
 
 
+MODELSCOPE = "modelscope://"
+# unsloth publishes most models twice: plain 16-bit weights (unsloth/X) and pre-quantized for bitsandbytes
+# (unsloth/X-bnb-4bit, and unsloth/X-unsloth-bnb-4bit for its dynamic quants). Longest suffix first.
+PREQUANTIZED_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit")
+
+
 @dataclass
 class FetchedModel:
     path: Path
-    source: str  # hub | local | gguf | s3
+    source: str  # hub | modelscope | local | gguf | s3
     description: str
+    weights_used: str  # what was actually loaded: repo@commit, URI or path (may differ from model.name)
 
 
-def fetch(model: ModelSection, cache_dir: Path, s3: S3Settings) -> FetchedModel:
+def fetch(model: ModelSection, cache_dir: Path, s3: S3Settings, weights: str = "16bit") -> FetchedModel:
+    """`weights` is what the run needs from the base (backends.weights_needed): '16bit' for 16-bit training, merging
+    or verifying on the 16-bit base; '4bit' when only a QLoRA adapter is trained and exported."""
     name = model.name
+    if name.startswith(MODELSCOPE):
+        return _from_modelscope(model, cache_dir)
     if name.startswith("pkg://"):
         return _from_gguf(package_file(name, "model.name"), cache_dir)
     if name.startswith("s3://"):
@@ -44,10 +56,35 @@ def fetch(model: ModelSection, cache_dir: Path, s3: S3Settings) -> FetchedModel:
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise SpecError(f"model.name: {local} has no config.json; point it at a Hugging Face checkpoint directory")
-        return FetchedModel(local, "local", str(local))
+        return FetchedModel(local, "local", str(local), str(local.resolve()))
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise NotFoundError(f"model.name: no directory {local}")
-    return _from_hub(model, cache_dir)
+    return _from_hub(model, cache_dir, hub_candidates(name, weights))
+
+
+def plain_counterpart(name: str) -> str | None:
+    """unsloth/X-bnb-4bit (or unsloth/X-unsloth-bnb-4bit) → unsloth/X; None for an id that is not pre-quantized."""
+    owner, _, repo = name.partition("/")
+    for suffix in PREQUANTIZED_SUFFIXES:
+        if owner == "unsloth" and repo.endswith(suffix) and len(repo) > len(suffix):
+            return f"{owner}/{repo[: -len(suffix)]}"
+    return None
+
+
+def hub_candidates(name: str, weights: str) -> list[str]:
+    """The hub ids to try, in order, for the weights a run needs.
+
+    A pre-quantized bnb-4bit checkpoint can be neither trained in 16 bits nor merged into 16-bit weights (merging into
+    dequantized 4-bit weights loses what the adapter learned on top of them), so a run that needs 16-bit weights takes
+    the plain checkpoint. A 4-bit run that exports only its adapter takes the pre-quantized one, a quarter of the
+    download, and falls back to the plain one where unsloth publishes none.
+    """
+    plain = plain_counterpart(name)
+    if weights == "16bit":
+        return [plain or name]
+    if plain is None and name.partition("/")[0] == "unsloth":
+        return [f"{name}-bnb-4bit", name]
+    return [name]
 
 
 def package_file(uri: str, field: str) -> Path:
@@ -80,7 +117,7 @@ def _from_gguf(gguf: Path, cache_dir: Path) -> FetchedModel:
         log.get().info("model.materialize.started", gguf=str(gguf), target=str(target))
         materialize_gguf(gguf, target)
         log.get().info("model.materialize.finished", target=str(target))
-    return FetchedModel(target, "gguf", f"{gguf.name} (materialized to bf16 safetensors)")
+    return FetchedModel(target, "gguf", f"{gguf.name} (materialized to bf16 safetensors)", str(gguf))
 
 
 def check_gguf(gguf: Path) -> None:
@@ -176,37 +213,112 @@ def _from_s3(uri: str, cache_dir: Path, s3: S3Settings) -> FetchedModel:
             continue
         store.download_file(key, local_path_for(target, key, f"model.name: object {store.uri}/{key}", SpecError))
     log.get().info("model.download.finished", source=uri, target=str(target))
-    return FetchedModel(target, "s3", uri)
+    return FetchedModel(target, "s3", uri, uri)
 
 
-def _from_hub(model: ModelSection, cache_dir: Path) -> FetchedModel:
+def _from_hub(model: ModelSection, cache_dir: Path, candidates: list[str]) -> FetchedModel:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    log.get().info("model.download.started", source="hub", repo=model.name, revision=model.revision)
+    events = log.get()
+    for repo in candidates:
+        events.info("model.download.started", source="hub", repo=repo, revision=model.revision, asked=model.name)
+        try:
+            path = snapshot_download(
+                repo,
+                revision=model.revision,
+                token=model.token.get_secret_value() if model.token else None,
+                # The model's own Python files are fetched only when the spec trusts them.
+                allow_patterns=CHECKPOINT_PATTERNS + (["*.py"] if model.trust_remote_code else []),
+                cache_dir=str(cache_dir / "hub") if cache_dir else None,
+            )
+        except Exception as exc:  # noqa: BLE001 - classified below; anything unrecognised is re-raised as a bug
+            error = _hub_error(exc, repo, model.name)
+            if isinstance(error, NotFoundError) and repo != candidates[-1]:
+                events.info("model.download.fallback", repo=repo, reason="not published", next=candidates[-1])
+                continue
+            raise error from exc
+        events.info("model.download.finished", source="hub", repo=repo, path=path)
+        description = repo if repo == model.name else f"{repo} (in place of {model.name}: see model.weights_used)"
+        # snapshot_download returns .../snapshots/<commit>: the exact weights used.
+        return FetchedModel(Path(path), "hub", description, f"{repo}@{Path(path).name}")
+    raise AssertionError("no hub candidates")
+
+
+def _hub_error(exc: Exception, repo: str, asked: str) -> Exception:
+    """huggingface_hub's exceptions → ours: missing or denied is 3, unreachable or overloaded is 75 (retried)."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    mapped = f" (the run needs 16-bit weights, so it asked for {repo} in place of {asked})" if repo != asked else ""
+    not_found = NotFoundError(
+        f"model.name: {repo} not found or not accessible on the Hugging Face hub{mapped}",
+        hint="check the id, model.revision, and HF_TOKEN for gated models",
+    )
+    if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError)):
+        return not_found
+    # snapshot_download wraps every failed request it does not recognise; the status says whose fault it is.
+    http = exc if isinstance(exc, HfHubHTTPError) else exc.__cause__
+    status = getattr(getattr(http, "response", None), "status_code", None)
+    if status in (401, 403, 404):
+        return not_found
+    if isinstance(exc, (LocalEntryNotFoundError, HfHubHTTPError)):
+        return TransientError(
+            f"model.name: could not download {repo} from the Hugging Face hub"
+            + (f" (HTTP {status})" if status else " (no answer)") + " and it is not in the cache",
+            hint="retry later; check the network or HF_ENDPOINT (HF_HUB_OFFLINE=1 needs a warm cache)",
+        )
+    if isinstance(exc, OSError):
+        return TransientError(f"model.name: download of {repo} failed: {exc}")
+    return exc
+
+
+def _from_modelscope(model: ModelSection, cache_dir: Path) -> FetchedModel:
+    import requests
+    from modelscope import snapshot_download
+    from modelscope_hub.errors import HubError, NetworkError, RateLimitError, ServerError
+
+    _route_modelscope_logs()
+    repo = model.name[len(MODELSCOPE) :]
+    revision = model.revision or "master"
+    log.get().info("model.download.started", source="modelscope", repo=repo, revision=revision)
     try:
         path = snapshot_download(
-            model.name,
-            revision=model.revision,
-            token=model.token.get_secret_value() if model.token else None,
-            # The model's own Python files are fetched only when the spec trusts them.
+            repo,
+            revision=revision,
+            cache_dir=str(cache_dir / "modelscope"),
             allow_patterns=CHECKPOINT_PATTERNS + (["*.py"] if model.trust_remote_code else []),
-            cache_dir=str(cache_dir / "hub") if cache_dir else None,
+            token=model.token.get_secret_value() if model.token else None,
         )
-    except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
-        raise NotFoundError(
-            f"model.name: {model.name} not found or not accessible on the Hugging Face hub",
-            hint="check the id, the revision and HF_TOKEN for gated models",
-        ) from exc
-    except LocalEntryNotFoundError as exc:
-        raise TransientError(
-            f"model.name: could not reach the Hugging Face hub for {model.name} and it is not in the cache",
-            hint="check the network or HF_ENDPOINT; HF_HUB_OFFLINE=1 needs a warm cache",
-        ) from exc
-    except OSError as exc:
-        raise TransientError(f"model.name: download of {model.name} failed: {exc}") from exc
-    log.get().info("model.download.finished", source="hub", repo=model.name, path=path)
-    return FetchedModel(Path(path), "hub", model.name)
+    except (HubError, requests.RequestException) as exc:
+        status = getattr(exc, "status_code", None) or getattr(exc.__cause__, "status_code", None)
+        if status in (401, 403, 404):
+            raise NotFoundError(
+                f"model.name: {repo} not found or not accessible on ModelScope (HTTP {status})",
+                hint="check the id, model.revision, and MODELSCOPE_API_TOKEN for private models",
+            ) from exc
+        if isinstance(exc, (NetworkError, ServerError, RateLimitError, requests.ConnectionError, requests.Timeout)):
+            raise TransientError(
+                f"model.name: could not download {repo} from ModelScope" + (f" (HTTP {status})" if status else " (no answer)"),
+                hint="retry later; check the network or MODELSCOPE_ENDPOINT",
+            ) from exc
+        raise TransientError(f"model.name: download of {repo} from ModelScope failed: {exc}") from exc
+    log.get().info("model.download.finished", source="modelscope", repo=repo, path=path)
+    return FetchedModel(Path(path), "modelscope", model.name, f"{model.name}@{revision}")
+
+
+def _route_modelscope_logs() -> None:
+    """modelscope gives its loggers their own stderr handlers: send them through ours (JSON, secrets redacted)."""
+    import logging
+
+    for name in ("modelscope", "modelscope_hub"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
 
 
 POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")

@@ -67,10 +67,13 @@ class RunSection(Section):
 class ModelSection(Section):
     name: str = Field(
         ...,
-        description="Base model: a Hugging Face id, a local checkpoint directory, a local .gguf file, "
-        "s3://bucket/prefix holding a checkpoint, or pkg://python_package/file.gguf (a model shipped in a package).",
+        description="Base model: a Hugging Face id (env HF_ENDPOINT for a mirror, HF_TOKEN for gated models), "
+        "modelscope://owner/name (ModelScope; env MODELSCOPE_API_TOKEN), a local checkpoint directory, a local .gguf "
+        "file, s3://bucket/prefix holding a checkpoint, or pkg://python_package/file.gguf (a model shipped in a package). "
+        "unsloth's pre-quantized '-bnb-4bit' ids and their plain counterparts stand in for each other: the run downloads "
+        "the one its precision and exports need, and the manifest records which (model.weights_used).",
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit; ModelScope default: master).")
     precision: Literal["auto", "4bit", "16bit", "fp8"] = Field(
         "auto",
         description="Base weights while training: 4bit (QLoRA, CUDA only), 16bit, or fp8 (unsloth, compute capability "
@@ -80,7 +83,16 @@ class ModelSection(Section):
         "auto", description="Compute dtype. auto: bfloat16 on CUDA cards that have it, float32 on CPU."
     )
     trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you trust it.")
-    token: SecretStr | None = Field(None, description="Hugging Face token for gated models (prefer env HF_TOKEN).")
+    token: SecretStr | None = Field(
+        None, description="Hub token for gated or private models (prefer env HF_TOKEN or MODELSCOPE_API_TOKEN)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _modelscope_id(cls, value: str) -> str:
+        if value.startswith("modelscope://") and not re.fullmatch(r"modelscope://[\w.-]+/[\w.-]+", value):
+            raise ValueError("a ModelScope model is modelscope://owner/name, e.g. modelscope://LLM-Research/Meta-Llama-3.1-8B-Instruct")
+        return value
 
 
 class LoraSection(Section):
@@ -100,8 +112,8 @@ class LoraSection(Section):
 class DataSection(Section):
     source: str = Field(
         ...,
-        description="A local file or directory, s3://bucket/key or s3://bucket/prefix/, or a Hugging Face dataset id. "
-        "Files: .jsonl, .json, .parquet, .csv.",
+        description="A local file or directory, s3://bucket/key or s3://bucket/prefix/, an https:// URL of one file, "
+        "or a Hugging Face dataset id. Files: .jsonl, .json, .parquet, .csv.",
     )
     format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "prompt_completion"] = Field(
         "auto", description="Row format. auto detects it from the columns and logs what it picked."
@@ -112,6 +124,11 @@ class DataSection(Section):
         description="auto: the model's own template when it has one, else chatml. model: require the model's own.",
     )
     train_on_responses_only: bool = Field(True, description="Loss on assistant/completion tokens only.")
+    system_prompt: str | None = Field(
+        None,
+        description="A system message put first in every conversation that has none (alpaca, sharegpt and messages "
+        "rows), as recipes that train a persona do.",
+    )
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows.")
     eval: str | None = Field(None, description="A separate evaluation source (same forms as source).")
     eval_split: float | None = Field(
