@@ -699,15 +699,25 @@ def spec_backend(spec) -> Backend:
     return "hf" if spec.training.backend == "hf" else "unsloth"
 
 
+def choose_for_spec(spec, arch: Arch, card: Gpu, *, longest: int | None = None, rows: int | None = None,
+                    headroom: float = 0.10, all_auto: bool = False) -> Choice:
+    """`choose` with the spec's own fields: what `job run` resolves `auto` to on `card`. `longest` is the longest
+    tokenized row (default: training.max_seq_length), `rows` the dataset's row count (caps the batch size);
+    `all_auto` ignores the spec's fixed batch size, checkpointing and precision."""
+    training = spec.training
+    # Memory is decided by the longest micro-batch the run will see.
+    seq_len = training.max_seq_length if training.packing or longest is None else min(longest, training.max_seq_length)
+    fixed = {} if all_auto else dict(batch_size=training.batch_size, gradient_checkpointing=training.gradient_checkpointing,
+                                     precision=spec.model.precision)
+    return choose(arch, card, lora_r=spec.lora.r, target_modules=tuple(spec.lora.target_modules), seq_len=seq_len,
+                  backend=spec_backend(spec), optim=training.optim, headroom=headroom, max_batch_size=rows, **fixed)
+
+
 def plan_kind(spec, arch: Arch, tokens: DataTokens, card: Gpu, prices: dict[str, Any], headroom: float = 0.10) -> KindPlan:
     training, backend = spec.training, spec_backend(spec)
-    # Memory is decided by the longest micro-batch the run will see; speed by the typical one.
     longest = training.max_seq_length if training.packing or tokens.longest is None else min(tokens.longest, training.max_seq_length)
-    common = dict(lora_r=spec.lora.r, target_modules=tuple(spec.lora.target_modules), seq_len=longest, backend=backend,
-                  optim=training.optim, headroom=headroom, max_batch_size=tokens.rows)
-    choice = choose(arch, card, batch_size=training.batch_size, gradient_checkpointing=training.gradient_checkpointing,
-                    precision=spec.model.precision, **common)
-    all_auto = choose(arch, card, **common)
+    choice = choose_for_spec(spec, arch, card, longest=tokens.longest, rows=tokens.rows, headroom=headroom)
+    all_auto = choose_for_spec(spec, arch, card, longest=tokens.longest, rows=tokens.rows, headroom=headroom, all_auto=True)
     if training.packing or not tokens.lengths:
         padded = float(longest)
     else:

@@ -215,16 +215,21 @@ def test_every_example_gets_a_table_and_json(path):
     assert "recommended:" in table.output
     report = json.loads(_run_plan("--spec", str(path), "--json").output)
     assert [k["kind"] for k in report["kinds"]] == list(plan.gpus())
+    if path.name == "smoke.yaml":  # a pkg:// GGUF: shape from its metadata, tokens from its own tokenizer
+        assert report["model"]["architecture_source"].startswith("GGUF metadata")
+        assert report["data"]["method"] == "counted with the model's tokenizer" and report["data"]["rows"] == 24
     assert report["recommended"] is None or next(k for k in report["kinds"] if k["kind"] == report["recommended"])["fits"]
 
 
-def test_smoke_plan_counts_tokens_with_the_real_tokenizer(smoke_tokenizer, tmp_path):
-    report = json.loads(_run_plan("--spec", str(REPO / "examples/smoke.yaml"), "--json", "--gpu", "l4").output)
-    assert report["data"]["method"] == "counted with the model's tokenizer"
+def test_a_gguf_tokenizer_counts_what_the_run_counts(smoke_tokenizer, tmp_path):
+    from job.cli_plan import _tokenizer_at_hand
+
     spec = Spec.model_validate(yaml.safe_load((REPO / "examples/smoke.yaml").read_text()))
-    # the GGUF's tokenizer as plan rebuilds it counts what the run's materialized tokenizer counts
-    assert report["data"]["tokens"] == plan.count_tokens(spec, work_dir=tmp_path, tokenizer=smoke_tokenizer).tokens
-    assert report["model"]["architecture_source"].startswith("GGUF metadata")
+    rebuilt = _tokenizer_at_hand(spec.model, tmp_path)  # from the GGUF, as `job plan` does it
+    counted = plan.count_tokens(spec, work_dir=tmp_path, tokenizer=rebuilt)
+    assert counted.method == "counted with the model's tokenizer"
+    # ...equals what the run's materialized checkpoint tokenizer counts (EOS and byte-level pieces included)
+    assert counted.lengths == plan.count_tokens(spec, work_dir=tmp_path, tokenizer=smoke_tokenizer).lengths
 
 
 def test_prices_file_overrides_the_table(tmp_path):
@@ -261,3 +266,16 @@ def test_out_of_memory_kinds_are_marked_and_never_recommended(tmp_path):
     report = json.loads(_run_plan("--spec", str(path), "--json").output)
     assert report["recommended"] is None and not any(k["fits"] for k in report["kinds"])
     assert "recommended: none" in _run_plan("--spec", str(path)).output
+
+
+def test_run_time_lookup_of_the_card_and_the_spec_choice():
+    h100 = plan.gpu_for_device("NVIDIA H100 80GB HBM3", 79.18, (9, 0))
+    assert h100.kind == "h100-sxm" and h100.supports_fp8
+    assert plan.gpu_for_device("NVIDIA L40S", 44.4, (8, 9)).kind == "l40s"
+    assert plan.gpu_for_device("NVIDIA L40", 44.4, (8, 9)).kind == "unknown"  # not an L4: its memory says so
+    spec = Spec.model_validate({"model": {"name": "unsloth/Llama-3.2-1B-Instruct", "precision": "4bit"},
+                                "data": {"source": "d.jsonl"},
+                                "training": {"batch_size": "auto", "gradient_checkpointing": "auto", "max_seq_length": 2048}})
+    choice = plan.choose_for_spec(spec, plan.arch_from_table("llama-3.2-1b"), h100, longest=900, rows=3)
+    assert choice.fits and choice.precision == "4bit" and choice.batch_size <= 4
+    assert choice.memory.peak_allocated < plan.choose_for_spec(spec, plan.arch_from_table("llama-3.2-1b"), h100).memory.peak_allocated
