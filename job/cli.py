@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -45,6 +46,17 @@ def paths_from_env(environ: dict[str, str]):
     )
 
 
+def _private_stdout():
+    try:
+        stdout_fd, stderr_fd = sys.stdout.fileno(), sys.stderr.fileno()
+    except (io.UnsupportedOperation, AttributeError):  # stdout is no file (click's test runner): nothing to protect
+        return sys.stdout
+    private = os.fdopen(os.dup(stdout_fd), "w", buffering=1)
+    sys.stdout.flush()
+    os.dup2(stderr_fd, stdout_fd)
+    return private
+
+
 def _process_count(value: str) -> int:
     if value == "auto":
         import torch
@@ -65,7 +77,7 @@ def process_from_env(environ: dict[str, str]):
 
 def fail(exc: errors.JobError) -> None:
     log.get().error("run.failed", error=exc.kind, message=str(exc), exit_code=exc.exit_code)
-    click.echo(f"error: {exc}", err=True)
+    click.echo(f"error: {log.redact_text(str(exc))}", err=True)
     sys.exit(exc.exit_code)
 
 
@@ -118,9 +130,7 @@ def run(spec_arg: str | None, sets: tuple[str, ...]) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     # stdout carries JSON events and nothing else: libraries that print (wandb, transformers' integrations, C code)
     # write to file descriptor 1, so it is pointed at stderr and the events keep a private copy of the original.
-    events_stream = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    sys.stdout.flush()
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    events_stream = _private_stdout()
     level = "INFO" if process.rank == 0 else "WARNING"  # one log of record: rank 0's
     log.setup(secrets=[environ.get(k, "") for k in SECRET_ENV], stream=events_stream, level=level)
     events = log.get()

@@ -400,6 +400,10 @@ def render(spec_ref: str, *, spec_text: str | None = None, overlay: str | None =
             raise RenderError(f"{spec_ref} is not YAML: {e}") from None
         if not isinstance(spec, dict):
             raise RenderError(f"{spec_ref} must hold a YAML mapping")
+        if isinstance(spec.get("model"), dict) and spec["model"].get("token"):
+            # A ConfigMap is readable by anyone who may read the namespace: the token goes in the hf-token Secret.
+            raise RenderError(f"{spec_ref}: model.token must not be rendered into a ConfigMap; remove it from the "
+                              "spec and put the token in the hf-token Secret (env HF_TOKEN), see docs/deploy.md")
     # Pod i of an Indexed Job is named <job>-<i>, which must stay a DNS label too.
     limit = MAX_NAME - len(f"-{layout.nodes - 1}") if layout.nodes > 1 else MAX_NAME
     base_id = (slug(run_id) if run_id else base_run_id(spec_ref, spec))[:limit].rstrip("-")

@@ -13,6 +13,15 @@ from collections.abc import Iterable
 import structlog
 
 REDACTED = "***"
+# The secret values of the current setup(): logging is process-wide, and so is what it must never print.
+_secrets: list[str] = []
+
+
+def redact_text(text: str) -> str:
+    """A message printed outside the log (the CLI's one-line error) with the same secrets masked."""
+    for secret in _secrets:
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 def _redactor(secrets: list[str]):
@@ -41,6 +50,7 @@ def setup(*, secrets: Iterable[str] = (), json_logs: bool | None = None, level: 
         json_logs = not stream.isatty()
     # Short values (like "test") would redact half the log; real credentials are long.
     secret_values = sorted({s for s in secrets if s and len(s) >= 8}, key=len, reverse=True)
+    _secrets[:] = secret_values
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

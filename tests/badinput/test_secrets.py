@@ -117,9 +117,7 @@ def test_rendered_kubernetes_manifests_carry_no_secret_from_the_environment(tmp_
         assert "HF_TOKEN" not in env and env["HF_TOKEN_PATH"]["value"].startswith("/var/run/secrets/")
 
 
-@pytest.mark.xfail(strict=True, reason="job k8s render copies a local spec verbatim, model.token included, into a "
-                   "ConfigMap; job/k8s.py must refuse or strip it (the token belongs in the hf-token Secret)")
 def test_a_spec_token_is_not_copied_into_kubernetes_manifests(tmp_path):
     proc = job(["k8s", "render", str(spec_with_token(tmp_path))], tmp_path)
     assert SPEC_SECRET not in proc.stdout + proc.stderr
-    assert proc.returncode == 0 or "model.token" in proc.stderr
+    assert proc.returncode == 2 and "model.token" in proc.stderr  # refused, with the field named
