@@ -154,11 +154,11 @@ def test_finetome_recipe_packs_full_sequences_with_rslora_and_six_ggufs(tmp_path
     config = run.adapter_config()
     assert config["use_rslora"] is True and config["r"] == 16 and config["lora_alpha"] == 16
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run.run_dir / "merged"), run.run_dir / "adapter")
-    scalings = {m.scaling["default"] for m in model.modules() if hasattr(m, "scaling") and "default" in m.scaling}
-    assert scalings == {16 / math.sqrt(16)}
+    assert {m.scaling["default"] for m in model.modules() if isinstance(m, LoraLayer)} == {16 / math.sqrt(16)}
 
     quants = ["q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "q8_0"]
     assert run.manifest["export"]["gguf_types"] == quants
