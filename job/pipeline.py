@@ -16,8 +16,8 @@ from pathlib import Path
 import structlog
 import yaml
 
-from job import backends, card, checkpoint, data, export, llamacpp, log, model, plots, publish, train, verify
-from job.errors import JobError, Preempted
+from job import backends, card, checkpoint, data, export, llamacpp, log, model, plan, plots, publish, train, verify
+from job.errors import JobError, Preempted, SpecError
 from job.spec import Spec
 from job.storage import S3Settings, open_location
 
@@ -100,6 +100,46 @@ def run(spec: Spec, paths: Paths, stop: train.StopRequest | None = None, process
         if process.is_main:
             _record_failure(store, spec.run_id, exc, current["stage"])
         raise
+
+
+def _device(torch) -> tuple[str, float, tuple[int, int]] | None:
+    """The card this process trains on: its name, free memory in GiB and compute capability (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info()
+    return torch.cuda.get_device_name(), free / 2**30, torch.cuda.get_device_capability()
+
+
+def resolve_auto(spec: Spec, config: dict, dataset, device, backend_name: str) -> dict:
+    """Batch size, gradient checkpointing and precision for this card: the spec's where it fixes them, else the
+    fastest configuration job.plan predicts to fit the card's free memory with headroom."""
+    training = spec.training
+    fixed = {"batch_size": training.batch_size, "gradient_checkpointing": training.gradient_checkpointing,
+             "precision": spec.model.precision}
+    auto = [name for name, value in fixed.items() if value == "auto"]
+    if not auto:
+        return {**fixed, "auto": [], "reason": "as the spec sets them"}
+    if device is None:
+        # No memory model for CPU training: small, always-working settings.
+        cpu = {"batch_size": 2, "gradient_checkpointing": False, "precision": "16bit"}
+        return {**{k: (cpu[k] if v == "auto" else v) for k, v in fixed.items()}, "auto": auto,
+                "reason": "on CPU: batch 2, no checkpointing, 16-bit"}
+    name, free_gib, capability = device
+    arch = plan.arch_from_config(config, name=spec.model.name)
+    card = plan.gpu_for_device(name, free_gib, capability)
+    longest = max(map(len, dataset["input_ids"]))
+    lookup = spec.model_copy(update={"training": training.model_copy(update={"backend": backend_name})})
+    # auto never picks fp8: it changes the numerics, and with checkpointing it did not finish compiling in our
+    # measurements (docs/benchmarks.md). Ask for it by name.
+    choice = plan.choose_for_spec(lookup, arch, card, longest=longest, rows=len(dataset), precisions=("4bit", "16bit"))
+    if not choice.fits:
+        raise SpecError(f"{', '.join(auto)}: no configuration fits this GPU: {choice.reason}",
+                        hint="lower training.max_seq_length or lora.r, or use a card with more memory (see `job plan`)")
+    resolved = {"batch_size": choice.batch_size, "gradient_checkpointing": choice.gradient_checkpointing,
+                "precision": choice.precision, "auto": auto, "reason": choice.reason,
+                "predicted": {"peak_gib": round(choice.memory.total, 2), "tokens_per_second": round(choice.tokens_per_second)}}
+    log.get().info("train.auto_resolved", **resolved)
+    return resolved
 
 
 def _join_process_group(process: Process, cuda: bool) -> None:
@@ -185,19 +225,25 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
             data_stats["eval"] = {"rows": len(eval_dataset), "from": "data.eval_split"}
 
     with stage("train", timings), _current(current, "train"):
-        peft_model, _, info = backend.load_for_training(fetched.path, spec.model, spec.lora, spec.training)
+        # `auto` fields resolved once; a resumed run keeps what its checkpoint was trained with.
+        resolved = resume.record.get("resolved") if resume else None
+        resolved = resolved or resolve_auto(spec, model.read_config(fetched.path), dataset, _device(torch), backend_name)
+        model_section = spec.model.model_copy(update={"precision": resolved["precision"]})
+        training = spec.training.model_copy(update={k: resolved[k] for k in ("batch_size", "gradient_checkpointing")})
+        peft_model, _, info = backend.load_for_training(fetched.path, model_section, spec.lora, training)
         info["world_size"] = process.world_size  # the batch size is per process; tokens/s counts every process
+        info["resolved"] = resolved
         plan = train.CheckpointPlan(
             every_steps=spec.training.checkpoint_every,
             every_minutes=spec.training.checkpoint_every_minutes,
             save=lambda folder, step: checkpoint.upload(
-                store, run_id, folder, step, {"fingerprint": fingerprint, "world_size": world_size}),
+                store, run_id, folder, step, {"fingerprint": fingerprint, "world_size": world_size, "resolved": resolved}),
             resume_from=checkpoint.download(store, resume, work / "resume" / f"checkpoint-{resume.step}") if resume else None,
         )
         if resume:
             events.info("train.resuming", step=resume.step, checkpoint=f"{store.uri}/{resume.key}")
         tensorboard_dir = staging / "tensorboard" if "tensorboard" in spec.logging.report_to else None
-        result = train.run(peft_model, tokenizer, dataset, spec.training, work, info, checkpoints=plan, stop=stop,
+        result = train.run(peft_model, tokenizer, dataset, training, work, info, checkpoints=plan, stop=stop,
                            eval_dataset=eval_dataset, report_to=spec.logging.report_to, logging_dir=tensorboard_dir)
         if process.world_size > 1:
             torch.distributed.destroy_process_group()  # from here on rank 0 works alone

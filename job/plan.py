@@ -700,7 +700,8 @@ def spec_backend(spec) -> Backend:
 
 
 def choose_for_spec(spec, arch: Arch, card: Gpu, *, longest: int | None = None, rows: int | None = None,
-                    headroom: float = 0.10, all_auto: bool = False) -> Choice:
+                    headroom: float = 0.10, all_auto: bool = False,
+                    precisions: tuple[Precision, ...] | None = None) -> Choice:
     """`choose` with the spec's own fields: what `job run` resolves `auto` to on `card`. `longest` is the longest
     tokenized row (default: training.max_seq_length), `rows` the dataset's row count (caps the batch size);
     `all_auto` ignores the spec's fixed batch size, checkpointing and precision."""
@@ -710,7 +711,8 @@ def choose_for_spec(spec, arch: Arch, card: Gpu, *, longest: int | None = None, 
     fixed = {} if all_auto else dict(batch_size=training.batch_size, gradient_checkpointing=training.gradient_checkpointing,
                                      precision=spec.model.precision)
     return choose(arch, card, lora_r=spec.lora.r, target_modules=tuple(spec.lora.target_modules), seq_len=seq_len,
-                  backend=spec_backend(spec), optim=training.optim, headroom=headroom, max_batch_size=rows, **fixed)
+                  backend=spec_backend(spec), optim=training.optim, headroom=headroom, max_batch_size=rows,
+                  precisions=precisions, **fixed)
 
 
 def plan_kind(spec, arch: Arch, tokens: DataTokens, card: Gpu, prices: dict[str, Any], headroom: float = 0.10) -> KindPlan:

@@ -1,0 +1,53 @@
+"""`auto` batch size, checkpointing and precision: resolved once, from the card's free memory, never over it."""
+
+import datasets
+import pytest
+
+from job.errors import SpecError
+from job.pipeline import resolve_auto
+from job.spec import Spec
+
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+            "tie_word_embeddings": False, "max_position_embeddings": 131072}
+H100 = ("NVIDIA H100 80GB HBM3", 79.1, (9, 0))
+
+
+def spec(**training):
+    return Spec.model_validate({"model": {"name": "unsloth/Meta-Llama-3.1-8B"}, "data": {"source": "x.jsonl"},
+                                "training": {"max_seq_length": 2048, **training}})
+
+
+def rows(n=64, length=2048):
+    return datasets.Dataset.from_dict({"input_ids": [[1] * length] * n})
+
+
+def test_fixed_fields_are_kept_as_written():
+    got = resolve_auto(spec(batch_size=3, gradient_checkpointing=True).model_copy(
+        update={"model": spec().model.model_copy(update={"precision": "4bit"})}), LLAMA_8B, rows(), H100, "unsloth")
+    assert (got["batch_size"], got["gradient_checkpointing"], got["precision"], got["auto"]) == (3, True, "4bit", [])
+
+
+def test_on_cpu_auto_means_small_settings_that_always_work():
+    got = resolve_auto(spec(batch_size="auto", gradient_checkpointing="auto"), LLAMA_8B, rows(), None, "hf")
+    assert (got["batch_size"], got["gradient_checkpointing"], got["precision"]) == (2, False, "16bit")
+
+
+def test_on_an_h100_auto_picks_a_fitting_configuration_and_never_fp8():
+    got = resolve_auto(spec(batch_size="auto", gradient_checkpointing="auto"), LLAMA_8B, rows(), H100, "unsloth")
+    assert set(got["auto"]) == {"batch_size", "gradient_checkpointing", "precision"}
+    assert got["precision"] in ("4bit", "16bit")
+    assert got["predicted"]["peak_gib"] <= 0.9 * H100[1]
+    assert got["batch_size"] >= 2  # an 80 GB card holds more than the smallest batch of an 8B model
+
+
+def test_less_free_memory_gives_a_smaller_or_checkpointed_configuration():
+    roomy = resolve_auto(spec(batch_size="auto", gradient_checkpointing="auto"), LLAMA_8B, rows(), H100, "unsloth")
+    tight = resolve_auto(spec(batch_size="auto", gradient_checkpointing="auto"), LLAMA_8B, rows(),
+                         ("NVIDIA H100 80GB HBM3", 20.0, (9, 0)), "unsloth")
+    assert tight["predicted"]["peak_gib"] <= 0.9 * 20.0 < roomy["predicted"]["peak_gib"]
+
+
+def test_nothing_fits_is_a_user_error_naming_the_auto_fields():
+    with pytest.raises(SpecError, match="batch_size.*no configuration fits"):
+        resolve_auto(spec(batch_size="auto"), LLAMA_8B, rows(), ("NVIDIA L4", 3.0, (8, 9)), "unsloth")
