@@ -62,6 +62,7 @@ def setup(*, secrets: Iterable[str] = (), json_logs: bool | None = None, level: 
         shared.append(structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
     else:
         renderer = structlog.dev.ConsoleRenderer()
+        shared.append(progress_line)
     shared.append(_redactor(secret_values))  # last, so it also sees the rendered traceback
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -82,6 +83,30 @@ def setup(*, secrets: Iterable[str] = (), json_logs: bool | None = None, level: 
     route_library_logs()
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "filelock", "httpx", "httpcore", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def progress_line(_logger, _method, event_dict):
+    """On a terminal, a `train.step` event reads as one line a person can follow; the JSON event is unchanged."""
+    if event_dict.get("event") != "train.step":
+        return event_dict
+    step, max_steps = event_dict.get("step"), event_dict.get("max_steps")
+    parts = [f"step {step}/{max_steps}" if max_steps and max_steps > 0 else f"step {step}"]
+    if isinstance(event_dict.get("loss"), (int, float)):
+        parts.append(f"loss {event_dict['loss']:.4f}")
+    if isinstance(event_dict.get("tokens_per_second"), (int, float)):
+        parts.append(f"{event_dict['tokens_per_second']:,.0f} tok/s")
+    if isinstance(event_dict.get("gpu_memory_gib"), (int, float)):
+        parts.append(f"{event_dict['gpu_memory_gib']:.1f} GiB")
+    eta = event_dict.get("eta_seconds")
+    parts.append(f"ETA {_clock(eta)}" if isinstance(eta, (int, float)) else "ETA -")
+    kept = {k: event_dict[k] for k in ("timestamp", "level", "logger") if k in event_dict}
+    return {**kept, "event": "  ".join(parts)}
 
 
 def get(name: str = "job"):

@@ -107,6 +107,18 @@ def _events_callback(metrics_path: Path, started: float):
             self.eval_losses: list[float] = []
             self.tps: list[float] = []
             self.logged_here = 0
+            self.first_step: int | None = None
+            self.first_time = started
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.first_step is None:
+                self.first_step, self.first_time = state.global_step, time.monotonic()
+
+        def _eta(self, state, now) -> float | None:
+            done = state.global_step - (self.first_step or 0)
+            if done <= 0 or not state.max_steps:
+                return None
+            return round((now - self.first_time) / done * (state.max_steps - state.global_step), 1)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -133,6 +145,7 @@ def _events_callback(metrics_path: Path, started: float):
                 "tokens_per_second": round(rate, 1),
                 "elapsed_seconds": round(now - started, 2),
                 "max_steps": state.max_steps,
+                "eta_seconds": self._eta(state, now),
             }
             if torch.cuda.is_available():
                 record["gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
