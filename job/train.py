@@ -172,6 +172,44 @@ def _LeanSFTTrainer():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
+        # transformers counts the tokens of each micro-batch with `.item()` right after its backward is queued, so
+        # the GPU idles while the host then queues gradient clipping and the optimizer step. Keep the count on the
+        # device and read it where the host waits anyway: when a log line reads the loss, and before a checkpoint.
+        _pending_tokens = None
+
+        def _track_num_input_tokens(self, inputs):
+            import torch
+
+            mask = inputs.get("attention_mask")
+            if mask is None:
+                count = inputs[getattr(self.model, "main_input_name", "input_ids")].numel()
+            elif mask.device.type == "cpu":
+                count = int(mask.sum())  # no device involved, nothing to wait for
+            else:
+                count = mask.sum(dtype=torch.int64)  # queued behind the backward, read at the next flush
+            self._pending_tokens = count if self._pending_tokens is None else self._pending_tokens + count
+
+        def _flush_token_count(self):
+            import torch
+
+            if self._pending_tokens is None:
+                return
+            pending = torch.as_tensor(self._pending_tokens, dtype=torch.int64).to(self.args.device)
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(pending).sum().item())
+            self._pending_tokens = None
+
+        def log(self, logs, start_time=None):
+            self._flush_token_count()
+            super().log(logs, start_time)
+
+        def _save_checkpoint(self, model, trial):
+            self._flush_token_count()
+            return super()._save_checkpoint(model, trial)
+
+        def floating_point_ops(self, inputs):
+            # The trainer's FLOP count walks every parameter of the model on each micro-batch; nothing reads it.
+            return 0
+
     return LeanSFTTrainer
 
 

@@ -1,0 +1,41 @@
+"""The trainer's token count (train.step `tokens`, tokens/s) is read without a per-micro-batch host sync: it must
+still count every non-padding token exactly once, across accumulation and logging intervals."""
+
+import json
+
+import pytest
+
+ROW_LENGTHS = [3, 5, 7, 9, 11, 13]
+
+
+def tiny_lora_model(vocab_size: int):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+
+
+@pytest.mark.parametrize("batch_size, accumulation, logging_steps", [(2, 1, 1), (1, 2, 1), (1, 1, 2)])
+def test_every_non_padding_token_is_counted_once(tmp_path, smoke_tokenizer, batch_size, accumulation, logging_steps):
+    import datasets
+
+    from job import train
+    from job.spec import TrainingSection
+
+    rows = [list(range(10, 10 + n)) for n in ROW_LENGTHS]
+    data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    steps = len(rows) // (batch_size * accumulation)
+    training = TrainingSection(max_steps=steps, batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                               logging_steps=logging_steps, optim="adamw_torch", warmup_steps=0, max_seq_length=64)
+    result = train.run(tiny_lora_model(len(smoke_tokenizer)), smoke_tokenizer, data, training, tmp_path,
+                       {"dtype": "float32", "backend": "hf"})
+    records = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    assert result.steps == steps
+    assert records[-1]["step"] == steps
+    assert records[-1]["tokens"] == sum(ROW_LENGTHS)
+    counts = [r["tokens"] for r in records]
+    assert counts == sorted(counts) and counts[0] > 0
