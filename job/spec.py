@@ -174,8 +174,18 @@ class TrainingSection(Section):
     )
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (needs data.eval or data.eval_split).")
     sharding: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="Under torchrun: ddp replicates the model on every GPU; fsdp shards it (unsloth's FSDP2)."
+        "ddp", description="Under torchrun: ddp replicates the model on every GPU. fsdp (sharding it) is not built yet."
     )
+
+    @field_validator("sharding")
+    @classmethod
+    def _sharding(cls, value: str) -> str:
+        # Refused, not ignored: a run that asked for sharding must not quietly train one full copy per GPU.
+        if value == "fsdp":
+            raise ValueError("fsdp is not built yet (a model sharded across GPUs, through unsloth's FSDP2, needs its "
+                             "export path gathered onto rank 0 and a GPU run to prove it); use ddp, which keeps one "
+                             "copy of the model per GPU")
+        return value
 
     @field_validator("batch_size")
     @classmethod
@@ -323,7 +333,7 @@ def format_validation_error(exc: ValidationError, set_by: dict[str, str] | None 
         elif err["type"] == "missing":
             message = "required field is missing"
         else:  # a union (int or 'auto') reports each alternative
-            message = " or ".join(dict.fromkeys(e["msg"] for e in errs))
+            message = " or ".join(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errs))
         value = err.get("input")
         # An unknown field's value says nothing the name does not, and may be a secret under a misspelled name.
         hidden = err["type"] in ("missing", "extra_forbidden") or path.startswith(SECRET_FIELDS) or isinstance(value, dict)

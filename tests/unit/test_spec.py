@@ -120,3 +120,10 @@ def test_every_example_spec_validates():
     for path in examples:
         result = CliRunner().invoke(cli.main, ["validate", "--spec", str(path)])
         assert result.exit_code == 0, (path, result.output)
+
+
+def test_fsdp_sharding_is_refused_not_ignored():
+    with pytest.raises(SpecError) as err:
+        resolve({**MINIMAL, "training": {"sharding": "fsdp"}}, "spec.yaml", [])
+    assert "training.sharding: fsdp is not built yet" in str(err.value) and "use ddp" in str(err.value)
+    assert resolve({**MINIMAL, "training": {"sharding": "ddp"}}, "spec.yaml", []).training.sharding == "ddp"
