@@ -67,6 +67,9 @@ def sft_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, 
         num_train_epochs=training.num_epochs,
         logging_steps=training.logging_steps,
         logging_first_step=True,
+        # True (trl's default; unsloth's patched default is False) reads every micro-batch's loss back to check it,
+        # stalling the GPU; a non-finite loss shows in the logs as it is, and a diverged run fails at the end.
+        logging_nan_inf_filter=False,
         # Checkpoints are asked for by our callback (steps, minutes, SIGTERM) and uploaded from on_save.
         save_strategy="no",
         save_only_model=False,
