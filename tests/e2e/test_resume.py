@@ -91,6 +91,13 @@ def test_sigterm_checkpoints_exits_76_and_resumes_to_the_same_adapter(tmp_path, 
     saved = [e for e in first if e["event"] == "checkpoint.saved"]
     assert saved[-1]["step"] == stopped_at  # SIGTERM's own checkpoint
     assert not (output / "smoke" / "manifest.json").exists()
+    # The `auto` fields a run resolved are kept by its checkpoint and reused on resume, never resolved again (another
+    # card could pick another batch size mid-run). Marked here, so the resumed manifest shows where they came from.
+    record_path = output / "smoke" / "checkpoints" / f"step-{stopped_at:08d}" / "checkpoint.json"
+    record = json.loads(record_path.read_text())
+    assert record["resolved"] == uninterrupted[1]["training"]["resolved"]
+    record["resolved"]["reason"] = "kept by the checkpoint"
+    record_path.write_text(json.dumps(record))
 
     code, second, stderr = finish(start(tmp_path, str(output)), [])
     assert code == 0, stderr[-3000:]
@@ -101,6 +108,8 @@ def test_sigterm_checkpoints_exits_76_and_resumes_to_the_same_adapter(tmp_path, 
     assert_same_adapter(adapter_tensors(run_dir), want)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["training"]["resumed_from_step"] == stopped_at
+    assert manifest["training"]["resolved"]["reason"] == "kept by the checkpoint"
+    assert not any(e["event"] == "train.auto_resolved" for e in second)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))  # the run's record has every step once
     assert not [p for p in run_dir.rglob("*") if "checkpoints" in p.parts and p.is_file()]  # cleaned up when complete
