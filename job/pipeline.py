@@ -129,9 +129,8 @@ def resolve_auto(spec: Spec, config: dict, dataset, device, backend_name: str) -
     card = plan.gpu_for_device(name, free_gib, capability)
     longest = max(map(len, dataset["input_ids"]))
     lookup = spec.model_copy(update={"training": training.model_copy(update={"backend": backend_name})})
-    # auto never picks fp8: it changes the numerics, and with checkpointing it did not finish compiling in our
-    # measurements (docs/benchmarks.md). Ask for it by name.
-    choice = plan.choose_for_spec(lookup, arch, card, longest=longest, rows=len(dataset), precisions=("4bit", "16bit"))
+    # auto never picks fp8 (plan.AUTO_PRECISIONS): ask for it by name.
+    choice = plan.choose_for_spec(lookup, arch, card, longest=longest, rows=len(dataset))
     if not choice.fits:
         raise SpecError(f"{', '.join(auto)}: no configuration fits this GPU: {choice.reason}",
                         hint="lower training.max_seq_length or lora.r, or use a card with more memory (see `job plan`)")

@@ -408,8 +408,13 @@ class Choice:
 BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+# What `model.precision: auto` resolves to at run time, and so what `job plan` shows for it: never fp8, which changes
+# the numerics and, with gradient checkpointing, did not finish compiling in our measurements (docs/benchmarks.md).
+AUTO_PRECISIONS: tuple[Precision, ...] = ("4bit", "16bit")
+
+
 def supported_precisions(gpu: Gpu, backend: Backend) -> tuple[Precision, ...]:
-    """What `model.precision: auto` may pick: fp8 only through unsloth on compute capability >= 9.0."""
+    """What the card and backend can train with: fp8 only through unsloth on compute capability >= 9.0."""
     if backend == "unsloth" and gpu.supports_fp8:
         return ("4bit", "16bit", "fp8")
     return ("4bit", "16bit")
@@ -701,7 +706,7 @@ def spec_backend(spec) -> Backend:
 
 def choose_for_spec(spec, arch: Arch, card: Gpu, *, longest: int | None = None, rows: int | None = None,
                     headroom: float = 0.10, all_auto: bool = False,
-                    precisions: tuple[Precision, ...] | None = None) -> Choice:
+                    precisions: tuple[Precision, ...] = AUTO_PRECISIONS) -> Choice:
     """`choose` with the spec's own fields: what `job run` resolves `auto` to on `card`. `longest` is the longest
     tokenized row (default: training.max_seq_length), `rows` the dataset's row count (caps the batch size);
     `all_auto` ignores the spec's fixed batch size, checkpointing and precision."""
