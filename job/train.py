@@ -184,7 +184,7 @@ def _LeanSFTTrainer():
             import torch
 
             mask = inputs.get("attention_mask")
-            if mask is None:
+            if mask is None:  # trl's padding-free batches: one row of concatenated sequences, no padding to skip
                 count = inputs[getattr(self.model, "main_input_name", "input_ids")].numel()
             elif mask.device.type == "cpu":
                 count = int(mask.sum())  # no device involved, nothing to wait for
