@@ -1,5 +1,6 @@
-"""The trainer's token count (train.step `tokens`, tokens/s) is read without a per-micro-batch host sync: it must
-still count every non-padding token exactly once, across accumulation and logging intervals."""
+"""What train.step reports from a real (tiny) training run. The token count (`tokens`, tokens/s) is read without a
+per-micro-batch host sync: it must still count every non-padding token exactly once, across accumulation and logging
+intervals. The ETA counts down to zero at the last step."""
 
 import json
 
@@ -39,3 +40,4 @@ def test_every_non_padding_token_is_counted_once(tmp_path, smoke_tokenizer, batc
     assert records[-1]["tokens"] == sum(ROW_LENGTHS)
     counts = [r["tokens"] for r in records]
     assert counts == sorted(counts) and counts[0] > 0
+    assert records[-1]["eta_seconds"] == 0.0 and all(r["eta_seconds"] >= 0 for r in records)
