@@ -47,6 +47,12 @@ class TrainResult:
     final_eval_loss: float | None = None
 
 
+def dataloader_workers(training: TrainingSection, *, use_cpu: bool) -> int:
+    if training.dataloader_workers == "auto":
+        return 0 if use_cpu else 2
+    return training.dataloader_workers
+
+
 def sft_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, use_cpu: bool, backend: str,
                evaluate: bool = False, report_to: list[str] | None = None):
     from trl import SFTConfig
@@ -88,7 +94,12 @@ def sft_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, 
         bf16=dtype_name == "bfloat16",
         fp16=dtype_name == "float16",
         use_cpu=use_cpu,
-        dataloader_num_workers=0,
+        # On a GPU, batches are collated in worker processes and copied from pinned memory without blocking, so
+        # the host queues the next step instead of collating while the GPU idles (docs/benchmarks.md, session 4).
+        dataloader_num_workers=dataloader_workers(training, use_cpu=use_cpu),
+        dataloader_prefetch_factor=4 if dataloader_workers(training, use_cpu=use_cpu) else None,
+        dataloader_pin_memory=not use_cpu,
+        accelerator_config={"non_blocking": not use_cpu},
         ddp_find_unused_parameters=False,  # every LoRA parameter is used; the search costs a graph traversal a step
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,

@@ -41,3 +41,25 @@ def test_every_non_padding_token_is_counted_once(tmp_path, smoke_tokenizer, batc
     counts = [r["tokens"] for r in records]
     assert counts == sorted(counts) and counts[0] > 0
     assert records[-1]["eta_seconds"] == 0.0 and all(r["eta_seconds"] >= 0 for r in records)
+
+
+def test_collating_in_worker_processes_trains_on_the_same_batches(tmp_path, smoke_tokenizer):
+    """`training.dataloader_workers` (2 by default on a GPU) moves collation into worker processes. The batches, their
+    order and so every step's loss and token count must be those of collation in the training process."""
+    import datasets
+
+    from job import train
+    from job.spec import TrainingSection
+
+    rows = [list(range(10, 10 + n)) for n in ROW_LENGTHS * 2]
+    data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    runs = {}
+    for workers in (0, 2):
+        training = TrainingSection(max_steps=6, batch_size=2, gradient_accumulation_steps=1, optim="adamw_torch",
+                                   warmup_steps=0, max_seq_length=64, dataloader_workers=workers)
+        (tmp_path / str(workers)).mkdir()
+        result = train.run(tiny_lora_model(len(smoke_tokenizer)), smoke_tokenizer, data, training, tmp_path / str(workers),
+                           {"dtype": "float32", "backend": "hf"})
+        runs[workers] = [(r["step"], r["tokens"], r["loss"]) for r in map(json.loads, result.metrics_path.read_text().splitlines())]
+    assert len(runs[2]) == 6
+    assert runs[2] == runs[0]
