@@ -64,6 +64,7 @@ PY
 }
 
 one=$(run 1 1 --set training.batch_size=auto --set training.gradient_checkpointing=auto | tail -1)
+[ "$nproc" -gt 1 ] || exit 0  # NPROC=1: only the one-process run, with what auto chose (bench/auto_vs_sweep.sh)
 batch=$(python -c 'import json,sys; print(json.loads(sys.argv[1]).get("batch_size") or 2)' "$one")
 ckpt=$(python -c 'import json,sys; print(str(json.loads(sys.argv[1]).get("gradient_checkpointing") is True).lower())' "$one")
 many=$(run "$nproc" "$nproc" --set "training.batch_size=$batch" --set "training.gradient_checkpointing=$ckpt" | tail -1)

@@ -73,9 +73,11 @@ def batches(vocab: int, batch: int, seq: int, n: int):
         yield ids
 
 
-def bare_loop(model, args, vocab):
+def bare_loop(model, args, vocab, batch, window, phases=None):
     import bitsandbytes as bnb
     import torch
+
+    phases = phases if phases is not None else Phases()
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = bnb.optim.AdamW8bit(params, lr=2e-4, weight_decay=0.01)
@@ -85,24 +87,112 @@ def bare_loop(model, args, vocab):
     last = time.perf_counter()
     # Timed like job's trainer: from one step's end to the next, batch and copy included, with the same
     # gradient clipping and one host read of the loss a step (what a per-step log line costs).
-    for step, ids in enumerate(batches(vocab, args.batch, args.seq, args.steps)):
-        ids = ids.cuda()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
+    for step, ids in enumerate(batches(vocab, batch, args.seq, args.steps + window.count)):
+        window.step_begin(step)
+        with phases("forward_backward", step):
+            ids = ids.cuda()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        with phases("clip", step):
+            if args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        with phases("optimizer", step):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with phases("sync_read_loss", step):
+            loss.item()
         now = time.perf_counter()
         times.append(now - last)
         last = now
+        window.step_end(step)
         if first is None:
             first = time.monotonic() - STARTED
-    return [args.batch * args.seq / t for t in times[args.warmup:]], first
+    return [batch * args.seq / t for t in times[args.warmup:args.steps]], first
 
 
-def run(args) -> dict:
+class Phases:
+    """Host wall time spent in named parts of a step, summed over the measured steps (warmup..steps). On a
+    host-bound step (small model) these add up to the step; on a GPU-bound one the wait lands in the first sync."""
+
+    def __init__(self, warmup: int = 0, steps: int = 0):
+        self.warmup, self.steps, self.totals = warmup, steps, {}
+
+    def __call__(self, name: str, step: int):
+        import contextlib
+
+        @contextlib.contextmanager
+        def timed():
+            began = time.perf_counter()
+            try:
+                yield
+            finally:
+                if self.warmup <= step < self.steps:
+                    self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - began
+        return timed()
+
+    def report(self) -> dict:
+        n = max(self.steps - self.warmup, 1)
+        return {f"host_ms_{k}": round(v * 1000 / n, 2) for k, v in self.totals.items()}
+
+
+class ProfileWindow:
+    """torch.profiler over steps [start, start + count), run after the measured steps so its overhead stays out of
+    them: how busy the GPU was between the first step's start and
+    the last step's end (the union of kernel intervals over that span), and the host's own costliest calls. Writes a
+    text report to `path`; does nothing when path is empty."""
+
+    def __init__(self, path: str, start: int, count: int = 3):
+        count = count if path else 0
+        self.path, self.start, self.count, self.prof, self.report = path, start, count, None, {}
+
+    def step_begin(self, step: int) -> None:
+        if self.path and step == self.start:
+            import torch
+
+            torch.cuda.synchronize()
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            self.prof.start()
+            self.began = time.perf_counter()
+
+    def step_end(self, step: int) -> None:
+        if self.prof is None or step != self.start + self.count - 1:
+            return
+        import torch
+
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self.began
+        self.prof.stop()
+        spans = sorted((e.time_range.start, e.time_range.end) for e in self.prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA)
+        busy, cur_s, cur_e = 0.0, None, None
+        for s_, e_ in spans:
+            if cur_e is None or s_ > cur_e:
+                if cur_e is not None:
+                    busy += cur_e - cur_s
+                cur_s, cur_e = s_, e_
+            else:
+                cur_e = max(cur_e, e_)
+        if cur_e is not None:
+            busy += cur_e - cur_s
+        window_us = (spans[-1][1] - spans[0][0]) if spans else 0
+        self.report = {"profiled_steps": self.count, "profiled_wall_s": round(wall, 4),
+                       "gpu_busy_fraction": round(busy / window_us, 4) if window_us else None}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(self.report) + "\n")
+            fh.write(self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
+        self.prof = None
+
+
+def bare_measure(model, args):
+    def measure(batch, window):
+        phases = Phases(args.warmup, args.steps)
+        rates, first = bare_loop(model, args, model.config.vocab_size, batch, window, phases)
+        return rates, first, phases
+    return measure
+
+
+def run(args):
+    """Yields one row per (batch size, variant), as each is measured."""
     import torch
 
     lora = dict(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
@@ -116,7 +206,7 @@ def run(args) -> dict:
                                                      load_in_fp8=True if args.precision == "fp8" else False)
         model = FastLanguageModel.get_peft_model(model, use_gradient_checkpointing="unsloth" if args.checkpointing else False,
                                                  random_state=3407, **lora)
-        rates, first = bare_loop(model, args, model.config.vocab_size)
+        measure = bare_measure(model, args)
     elif args.impl == "hf":
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -128,7 +218,7 @@ def run(args) -> dict:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
-        rates, first = bare_loop(model, args, model.config.vocab_size)
+        measure = bare_measure(model, args)
     else:  # job's own path: the unsloth backend and the shared trl loop, exactly as `job run` calls them
         from pathlib import Path
 
@@ -137,31 +227,147 @@ def run(args) -> dict:
         from job import train
         import datasets
 
-        training = TrainingSection(max_steps=args.steps, batch_size=args.batch, gradient_accumulation_steps=1,
+        training = TrainingSection(max_steps=args.steps, batch_size=args.batches[0], gradient_accumulation_steps=1,
                                    max_seq_length=args.seq, gradient_checkpointing=bool(args.checkpointing),
                                    warmup_steps=0, logging_steps=1)
         model, tokenizer, info = backend.load_for_training(Path(args.model_dir), ModelSection(name=args.model_dir, precision=args.precision),
                                                            LoraSection(), training)
-        ids = [row.tolist() for ids in batches(model.config.vocab_size, args.batch, args.seq, args.steps) for row in ids]
-        data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
-        work = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-job-{os.getpid()}"
-        work.mkdir(parents=True, exist_ok=True)
-        train.run(model, tokenizer, data, training, work, info)
-        steps = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-        rates = [s["tokens_per_second"] for s in steps[args.warmup:]]
-        # the trainer's clock starts at train(); add the load time before it
-        first = (time.monotonic() - STARTED) - steps[-1]["elapsed_seconds"] + steps[0]["elapsed_seconds"]
+        apply_variant(train, args.variant)
+        current = observe_steps(train)
+        phases_now = time_trainer_phases(train)
+
+        def measure(batch, window):
+            steps_run = args.steps + window.count
+            ids = [row.tolist() for ids in batches(model.config.vocab_size, batch, args.seq, steps_run) for row in ids]
+            data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+            work = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-job-{os.getpid()}-{batch}"
+            work.mkdir(parents=True, exist_ok=True)
+            current[0] = window
+            phases_now[0] = Phases(args.warmup, args.steps)
+            began = time.monotonic()
+            train.run(model, tokenizer, data, training.model_copy(update={"batch_size": batch, "max_steps": steps_run}), work, info)
+            steps = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+            # the trainer's clock starts at train(); add the load time before it
+            first = (began - STARTED) + steps[0]["elapsed_seconds"]
+            # each logged rate covers the steps since the previous log line: keep those wholly inside warmup..steps
+            rates, previous = [], 0
+            for s in steps:
+                if previous >= args.warmup and s["step"] <= args.steps:
+                    rates.append(s["tokens_per_second"])
+                previous = s["step"]
+            return rates, first, phases_now[0]
+
+        bare = bare_measure(model, args)
+
+        if args.compare:  # the same loaded model through each in turn: the bare loop and job's trainer variants
+            def measure(batch, window, job_measure=measure):
+                if args.variant == "bare":
+                    return bare(batch, window)
+                apply_variant(train, args.variant)
+                return job_measure(batch, window)
     config = model.config
     n = matmul_params(config)
-    median = statistics.median(rates)
     ceiling = matmul_ceiling()
-    return {
-        "impl": args.impl, "shape": args.shape, "precision": args.precision, "batch": args.batch, "seq": args.seq, "checkpointing": bool(args.checkpointing),
-        "tokens_per_second": round(median, 1), "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "time_to_first_step_s": round(first, 1) if first else None, "steps_measured": len(rates),
-        "mfu": round(4 * n * median / ceiling, 4), "bf16_matmul_tflops": round(ceiling / 1e12, 1),
-        "gpu": torch.cuda.get_device_name(0),
-    }
+    variants = args.compare.split(",") if args.compare else [args.variant]
+    if "bare" in variants and (variants[0] != "bare" or variants.count("bare") > 1):
+        raise SystemExit("--compare: 'bare' may come only first (see --help)")
+    for batch, variant in [(b, v) for b in args.batches for v in variants]:
+        args.variant = variant
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        window = ProfileWindow(args.profile, start=args.steps)
+        row = {"impl": args.impl, "variant": args.variant, "shape": args.shape, "precision": args.precision,
+               "batch": batch, "seq": args.seq, "checkpointing": bool(args.checkpointing), "gpu": torch.cuda.get_device_name(0)}
+        try:
+            rates, first, phases = measure(batch, window)
+        except torch.OutOfMemoryError:
+            yield {**row, "out_of_memory": True}
+            continue
+        median = statistics.median(rates)
+        yield {**row,
+            "tokens_per_second": round(median, 1), "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "time_to_first_step_s": round(first, 1) if first else None, "steps_measured": len(rates),
+            "mfu": round(4 * n * median / ceiling, 4), "bf16_matmul_tflops": round(ceiling / 1e12, 1), **window.report,
+            **phases.report(),
+        }
+
+
+def apply_variant(train, variant: str) -> None:
+    """Trainer settings to compare against job's own (A/B inside one call); "default" is exactly what job runs."""
+    make = train.__dict__.setdefault("_job_sft_config", train.sft_config)
+    train.sft_config = make
+    os.environ.pop("UNSLOTH_MIXED_PRECISION", None)
+    if variant == "default":
+        return
+    if variant == "noautocast":  # read when the trainer is made; without it unsloth turns bf16 autocast back on
+        os.environ["UNSLOTH_MIXED_PRECISION"] = "bfloat16"
+
+    def changed(*a, **kw):
+        config = make(*a, **kw)
+        if variant == "inline":  # job before session 4: collation in the training process, blocking copies
+            config.dataloader_num_workers = 0
+            config.dataloader_prefetch_factor = None
+            config.dataloader_pin_memory = False
+            config.accelerator_config.non_blocking = False
+        elif variant == "noautocast":  # the model is bf16 already; the bare loops run without autocast
+            config.bf16 = False
+        elif variant == "log5":  # one host read of loss and grad norm every 5 steps instead of every step
+            config.logging_steps = 5
+        else:
+            raise SystemExit(f"unknown variant {variant}")
+        return config
+
+    train.sft_config = changed
+
+
+def time_trainer_phases(train) -> list:
+    """Host time in the trainer's own parts of a step, into the Phases in the returned one-item list."""
+    make = train._LeanSFTTrainer
+    current = [Phases()]
+
+    def timed(cls, name, phase):
+        original = getattr(cls, name)
+
+        def wrapper(self, *a, **kw):
+            # the log runs after the step's count went up; the rest before: keep the bare loop's step numbers
+            with current[0](phase, self.state.global_step - (phase == "log")):
+                return original(self, *a, **kw)
+        setattr(cls, name, wrapper)
+
+    def lean():
+        cls = make()
+        for name, phase in [("get_batch_samples", "next_batch"), ("training_step", "forward_backward"),
+                            ("_clip_grad_norm", "clip"), ("_maybe_log_save_evaluate", "log")]:
+            timed(cls, name, phase)
+        return cls
+
+    train._LeanSFTTrainer = lean
+    return current
+
+
+def observe_steps(train) -> list:
+    """Drive the ProfileWindow in the returned one-item list from job's own step callback (steps count from 0, as in
+    the bare loop)."""
+    make = train._events_callback
+    current = [None]
+
+    def observed(*a, **kw):
+        callback = make(*a, **kw)
+        begin, end = callback.on_step_begin, callback.on_step_end
+
+        def on_step_begin(args, state, control, **k):
+            current[0].step_begin(state.global_step)
+            return begin(args, state, control, **k)
+
+        def on_step_end(args, state, control, **k):
+            current[0].step_end(state.global_step - 1)
+            return end(args, state, control, **k)
+
+        callback.on_step_begin, callback.on_step_end = on_step_begin, on_step_end
+        return callback
+
+    train._events_callback = observed
+    return current
 
 
 def main() -> None:
@@ -174,23 +380,30 @@ def main() -> None:
     rn.add_argument("--impl", choices=["job", "unsloth", "hf"], required=True)
     rn.add_argument("--model-dir", required=True)
     rn.add_argument("--shape", default="")
-    rn.add_argument("--batch", type=int, default=2)
+    rn.add_argument("--batch", dest="batches", type=lambda v: [int(b) for b in v.split(",")], default=[2],
+                    help="micro-batch size, or several (4,8,12) measured one after another on the same loaded model")
     rn.add_argument("--seq", type=int, default=2048)
     rn.add_argument("--steps", type=int, default=12)
     rn.add_argument("--warmup", type=int, default=3)
     rn.add_argument("--checkpointing", type=int, default=1)
     rn.add_argument("--max-grad-norm", type=float, default=1.0, help="bare loops clip like job's trainer; 0: no clipping")
     rn.add_argument("--precision", choices=["4bit", "16bit", "fp8"], default="4bit", help="base weights (unsloth, job)")
+    rn.add_argument("--variant", default="default", help="job only: trainer settings (default, inline, noautocast, log5)")
+    rn.add_argument("--compare", default="", help="job only: variants run one after another on the one loaded model, "
+                                                   "'bare' for the bare loop on it, e.g. bare,default,inline; 'bare' only "
+                                                   "first: after job's trainer has run, unsloth's checkpointing is off "
+                                                   "for a bare loop on the same model (seen: 1B peak 5.4 GiB, not 1.7)")
+    rn.add_argument("--profile", default="", help="run 3 more steps under torch.profiler and append their GPU busy fraction and host calls to this file")
     rn.add_argument("--out", default="")
     args = parser.parse_args()
     if args.cmd == "make-model":
         make_model(args.shape, args.dir)
         return
-    result = run(args)
-    print(json.dumps(result), flush=True)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    for result in run(args):
+        print(json.dumps(result), flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":
