@@ -9,6 +9,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,10 @@ def _join_process_group(process: Process, cuda: bool) -> None:
         return
     if cuda:
         torch.cuda.set_device(process.local_rank)
+    else:
+        # accelerate names each CPU rank's device "cpu:N", and transformers then loads a resumed optimizer state
+        # with map_location="cpu:N", a location torch.load does not know. Plain "cpu" on every rank.
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
     dist.init_process_group(backend="nccl" if cuda else "gloo")
 
 

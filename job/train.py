@@ -238,19 +238,28 @@ def _checkpoint_callback(plan: CheckpointPlan, stop: StopRequest, metrics_path: 
     class Checkpointing(TrainerCallback):
         def __init__(self):
             self.last_save = time.monotonic()
+            self.control_group = None
+            if dist.is_available() and dist.is_initialized() and dist.get_backend() != "gloo":
+                # The stop flag travels over a CPU (gloo) group: as a GPU tensor under NCCL, reading it back every
+                # step would make the host wait for the step's kernels and stall the next step's launch.
+                self.control_group = dist.new_group(backend="gloo")
 
-        def _stop_everywhere(self) -> bool:
-            # Every rank must stop after the same step, or the others hang in their next collective.
+        def _agree(self, stop_requested: bool, save_due: bool) -> tuple[bool, bool]:
+            """Every rank must stop, and save, after the same step: a save gathers the token count across ranks, and
+            a rank that went on alone would hang in its next collective. Each rank's clock and signal count."""
             if not (dist.is_available() and dist.is_initialized()):
-                return stop.requested
+                return stop_requested, save_due
             import torch
 
-            flag = torch.tensor([1.0 if stop.requested else 0.0], device="cuda" if torch.cuda.is_available() else "cpu")
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return bool(flag.item())
+            flags = torch.tensor([int(stop_requested), int(save_due)], dtype=torch.int32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control_group)
+            return bool(flags[0]), bool(flags[1])
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self._stop_everywhere():
+            by_time = plan.every_minutes and time.monotonic() - self.last_save >= plan.every_minutes * 60
+            stopping, by_time = self._agree(stop.requested, bool(by_time))
+            if stopping:
+                stop.requested = True  # also where the signal did not arrive: no rank may go on to publish
                 events.warning("train.stop_requested", step=state.global_step, reason="SIGTERM")
                 control.should_save = True
                 control.should_training_stop = True
@@ -258,7 +267,6 @@ def _checkpoint_callback(plan: CheckpointPlan, stop: StopRequest, metrics_path: 
             if state.global_step >= state.max_steps:
                 return  # the final adapter is published anyway
             by_steps = plan.every_steps and state.global_step % plan.every_steps == 0
-            by_time = plan.every_minutes and time.monotonic() - self.last_save >= plan.every_minutes * 60
             if by_steps or by_time:
                 control.should_save = True
 

@@ -1,10 +1,13 @@
 """Data parallel on the CPU: JOB_NPROC=2 starts two processes through torchrun (gloo), each with batch 2; the
-losses match one process with batch 4 (the same global batch), and only rank 0 logs, checkpoints and publishes."""
+losses match one process with batch 4 (the same global batch), and only rank 0 logs, checkpoints and publishes.
+A SIGTERM that reaches one rank alone (its node is preempted, the other's is not) stops both after the same step."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +53,57 @@ def test_two_processes_match_one_with_the_same_global_batch_and_only_rank_0_publ
     assert [e["step"] for e in ddp_events if e["event"] == "checkpoint.saved"] == [3]
     assert not (tmp_path / "ddp" / "smoke" / "checkpoints").exists() or not any(
         p.is_file() for p in (tmp_path / "ddp" / "smoke" / "checkpoints").rglob("*"))
+
+
+def worker_pids(parent: int) -> dict[int, int]:
+    """rank → pid of the torchrun workers started by `parent`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            env = dict(item.split("=", 1) for item in (entry / "environ").read_text().split("\0") if "=" in item)
+        except (OSError, ValueError, IndexError):
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(entry.name)
+    return found
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_the_run_resumes(tmp_path):
+    output = tmp_path / "runs"
+    args = [sys.executable, "-m", "job.cli", "run", "--spec", str(REPO / "examples" / "smoke.yaml"),
+            "--set", f"run.output={output}", "--set", "training.batch_size=2", "--set", "training.max_steps=8",
+            "--set", "export.merged=false", "--set", "export.gguf=[]", "--set", "export.probes=[]"]
+    env = {**os.environ, "JOB_NPROC": "2", "JOB_WORK_DIR": str(tmp_path / "work"), "PYTHONUNBUFFERED": "1"}
+
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = []
+    for line in proc.stdout:
+        first.append(json.loads(line))
+        if first[-1]["event"] == "train.step" and first[-1]["step"] >= 2:
+            break
+    workers = worker_pids(proc.pid)
+    assert set(workers) == {0, 1}
+    os.kill(workers[1], signal.SIGTERM)  # rank 1 alone
+    first += [json.loads(line) for line in proc.stdout]
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=600) == 76, stderr[-3000:]
+
+    stops = [e for e in first if e["event"] == "train.stop_requested"]
+    assert {e["rank"] for e in stops} == {0, 1}
+    stopped_at = stops[0]["step"]
+    assert {e["step"] for e in stops} == {stopped_at}
+    assert [e["step"] for e in first if e["event"] == "checkpoint.saved"] == [stopped_at]  # rank 0's, once
+    assert not (output / "smoke" / "manifest.json").exists()
+
+    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, (again.stdout[-4000:], again.stderr[-3000:])
+    second = [json.loads(line) for line in again.stdout.splitlines()]
+    assert next(e for e in second if e["event"] == "train.resuming")["step"] == stopped_at
+    assert losses(second) and [e["step"] for e in second if e["event"] == "train.step"] == list(range(stopped_at + 1, 9))
+    manifest = json.loads((output / "smoke" / "manifest.json").read_text())
+    assert manifest["training"]["world_size"] == 2 and manifest["training"]["resumed_from_step"] == stopped_at
