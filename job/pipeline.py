@@ -73,11 +73,12 @@ FAILURE = "failure.json"
 
 
 def training_fingerprint(spec: Spec) -> str:
-    """What a checkpoint depends on: a changed export or checkpoint cadence may resume it, a changed model may not."""
+    """What a checkpoint depends on: a changed export, checkpoint cadence or number of collating processes may resume
+    it, a changed model may not."""
     # Fields left at their defaults are left out, so a newer job with new fields still resumes an older checkpoint.
     body = spec.model_dump(mode="json", include={"model", "lora", "data", "training"}, exclude={"model": {"token"}},
                            exclude_defaults=True)
-    for field in ("checkpoint_every", "checkpoint_every_minutes"):
+    for field in ("checkpoint_every", "checkpoint_every_minutes", "dataloader_workers"):
         body.get("training", {}).pop(field, None)
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 

@@ -21,10 +21,10 @@ SHORT_RUN = [
 ]
 
 
-def start(tmp_path: Path, output: str, env_extra: dict | None = None) -> subprocess.Popen:
+def start(tmp_path: Path, output: str, env_extra: dict | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     args = [sys.executable, "-m", "job.cli", "run", "--spec", str(REPO / "examples" / "smoke.yaml"),
             "--set", f"run.output={output}"]
-    for item in SHORT_RUN:
+    for item in [*SHORT_RUN, *extra]:
         args += ["--set", item]
     env = {**os.environ, **(env_extra or {}), "JOB_WORK_DIR": str(tmp_path / "work"), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -75,12 +75,17 @@ def uninterrupted(tmp_path_factory):
     return adapter_tensors(tmp / "runs" / "smoke"), json.loads((tmp / "runs" / "smoke" / "manifest.json").read_text())
 
 
-def test_sigterm_checkpoints_exits_76_and_resumes_to_the_same_adapter(tmp_path, uninterrupted):
+# dataloader_workers=2 is what a GPU run uses (collation in worker processes): the interrupted run then collates in
+# workers, the resumed one inline (how many processes collate may change between attempts), and the two must still
+# end with the uninterrupted run's adapter.
+@pytest.mark.parametrize("workers", ["auto", "2"])
+def test_sigterm_checkpoints_exits_76_and_resumes_to_the_same_adapter(tmp_path, uninterrupted, workers):
     want, _ = uninterrupted
     kill_at = random.Random().randint(1, STEPS - 2)
     print(f"SIGTERM after step {kill_at}")
     output = tmp_path / "runs"
-    proc = start(tmp_path, str(output))
+    extra = (f"training.dataloader_workers={workers}",)
+    proc = start(tmp_path, str(output), extra=extra)
     seen = events_until(proc, kill_at)
     proc.send_signal(signal.SIGTERM)
     code, first, stderr = finish(proc, seen)
