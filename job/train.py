@@ -57,6 +57,7 @@ def sft_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, 
                evaluate: bool = False, report_to: list[str] | None = None):
     from trl import SFTConfig
 
+    workers = dataloader_workers(training, use_cpu=use_cpu)
     return SFTConfig(
         output_dir=str(output_dir),
         per_device_train_batch_size=training.batch_size,
@@ -96,8 +97,8 @@ def sft_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, 
         use_cpu=use_cpu,
         # On a GPU, batches are collated in worker processes and copied from pinned memory without blocking, so
         # the host queues the next step instead of collating while the GPU idles (docs/benchmarks.md, session 4).
-        dataloader_num_workers=dataloader_workers(training, use_cpu=use_cpu),
-        dataloader_prefetch_factor=4 if dataloader_workers(training, use_cpu=use_cpu) else None,
+        dataloader_num_workers=workers,
+        dataloader_prefetch_factor=4 if workers else None,
         dataloader_pin_memory=not use_cpu,
         accelerator_config={"non_blocking": not use_cpu},
         ddp_find_unused_parameters=False,  # every LoRA parameter is used; the search costs a graph traversal a step
@@ -246,7 +247,8 @@ def _checkpoint_callback(plan: CheckpointPlan, stop: StopRequest, metrics_path: 
 
         def _agree(self, stop_requested: bool, save_due: bool) -> tuple[bool, bool]:
             """Every rank must stop, and save, after the same step: a save gathers the token count across ranks, and
-            a rank that went on alone would hang in its next collective. Each rank's clock and signal count."""
+            a rank that went on alone would hang in its next collective. A signal to any rank, or a checkpoint due by
+            any rank's clock, decides for all."""
             if not (dist.is_available() and dist.is_initialized()):
                 return stop_requested, save_due
             import torch
