@@ -39,7 +39,8 @@ def inventory(staging: Path) -> list[dict]:
 def publish(staging: Path, store: LocalStorage | S3Storage, run_id: str, body: dict) -> dict:
     """Upload every file, check each one the store now holds, then write the manifest: only if all of them match.
 
-    On any failure no manifest exists under RUN_ID (an earlier run's manifest is left at manifest.json.superseded)."""
+    On any failure no manifest exists under RUN_ID (an earlier run's manifest is left at manifest.json.superseded,
+    until a publish succeeds)."""
     events = log.get()
     manifest_key = f"{run_id}/{MANIFEST}"
     # An old manifest must not vouch for files that are about to be replaced.
@@ -78,6 +79,12 @@ def publish(staging: Path, store: LocalStorage | S3Storage, run_id: str, body: d
         # Every answer to the write may have been lost although the write landed: then the run is published.
         if not _holds(store, manifest_key, data):
             raise
+    # The earlier manifest was kept only for as long as no manifest vouched for this run's files. The run is
+    # published whatever this delete answers: a failure leaves a stale copy, never a failed run.
+    try:
+        store.delete(manifest_key + ".superseded")
+    except JobError:
+        events.warning("publish.superseded_not_removed", key=f"{store.uri}/{manifest_key}.superseded")
     events.info("publish.finished", destination=f"{store.uri}/{run_id}", uploaded=sent, unchanged=skipped,
                 seconds=round(time.monotonic() - started, 2))
     return manifest

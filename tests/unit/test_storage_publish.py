@@ -66,7 +66,10 @@ def test_manifest_is_written_last_and_supersedes_an_old_one(tmp_path):
     publish.publish(staging, store, "r1", {"status": "complete"})
     assert store.writes[-1] == "r1/manifest.json" and store.writes.count("r1/manifest.json") == 1
     publish.publish(staging, store, "r1", {"status": "complete"})
-    assert store.exists("r1/manifest.json.superseded")
+    # the old manifest was set aside before the first upload, and is gone once the new one vouches for the files
+    second = store.writes[store.writes.index("r1/manifest.json") + 1:]
+    assert second[0] == "r1/manifest.json.superseded" and second[-1] == "r1/manifest.json"
+    assert not store.exists("r1/manifest.json.superseded")
 
 
 def test_failed_upload_leaves_no_manifest(tmp_path, s3_env, bucket):
