@@ -5,6 +5,9 @@ not depend on the weights' values). Prints one JSON line per run and appends it 
 
   python bench/train_throughput.py make-model --shape 1b --dir /tmp/models/1b
   python bench/train_throughput.py run --impl job|unsloth|hf --model-dir /tmp/models/1b --batch 2 --seq 2048
+
+Without CUDA only `--shape tiny` and `--impl job --backend hf` run (no figure means anything there): the CPU tests
+run the script that way, so a GPU call never finds it broken.
 """
 
 from __future__ import annotations
@@ -22,7 +25,22 @@ SHAPES = {  # the published Llama configurations
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,  # CPU checks only
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, rope_theta=500000.0),
 }
+
+
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def make_model(shape: str, directory: str) -> None:
@@ -33,7 +51,7 @@ def make_model(shape: str, directory: str) -> None:
 
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda" if cuda() else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(directory, safe_serialization=True)
     vocab = {f"t{i}": i for i in range(config.vocab_size)}
@@ -42,9 +60,11 @@ def make_model(shape: str, directory: str) -> None:
     tok.save_pretrained(directory)
 
 
-def matmul_ceiling() -> float:
+def matmul_ceiling() -> float | None:
     import torch
 
+    if not cuda():
+        return None
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
@@ -74,23 +94,28 @@ def batches(vocab: int, batch: int, seq: int, n: int):
 
 
 def bare_loop(model, args, vocab, batch, window, phases=None):
-    import bitsandbytes as bnb
     import torch
 
     phases = phases if phases is not None else Phases()
+    device = next(model.parameters()).device
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = bnb.optim.AdamW8bit(params, lr=2e-4, weight_decay=0.01)
+    if cuda():
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(params, lr=2e-4, weight_decay=0.01)
+    else:
+        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
     times, first = [], None
     model.train()
-    torch.cuda.synchronize()
+    synchronize()
     last = time.perf_counter()
     # Timed like job's trainer: from one step's end to the next, batch and copy included, with the same
     # gradient clipping and one host read of the loss a step (what a per-step log line costs).
     for step, ids in enumerate(batches(vocab, batch, args.seq, args.steps + window.count)):
         window.step_begin(step)
         with phases("forward_backward", step):
-            ids = ids.cuda()
+            ids = ids.to(device)
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
         with phases("clip", step):
@@ -149,8 +174,9 @@ class ProfileWindow:
         if self.path and step == self.start:
             import torch
 
-            torch.cuda.synchronize()
-            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            synchronize()
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda() else [])
+            self.prof = torch.profiler.profile(activities=activities)
             self.prof.start()
             self.began = time.perf_counter()
 
@@ -159,7 +185,7 @@ class ProfileWindow:
             return
         import torch
 
-        torch.cuda.synchronize()
+        synchronize()
         wall = time.perf_counter() - self.began
         self.prof.stop()
         spans = sorted((e.time_range.start, e.time_range.end) for e in self.prof.events()
@@ -222,11 +248,12 @@ def run(args):
     else:  # job's own path: the unsloth backend and the shared trl loop, exactly as `job run` calls them
         from pathlib import Path
 
-        from job.backends import unsloth as backend
+        from job import backends
         from job.spec import LoraSection, ModelSection, TrainingSection
         from job import train
         import datasets
 
+        backend = backends.load(args.backend)
         training = TrainingSection(max_steps=args.steps, batch_size=args.batches[0], gradient_accumulation_steps=1,
                                    max_seq_length=args.seq, gradient_checkpointing=bool(args.checkpointing),
                                    warmup_steps=0, logging_steps=1)
@@ -245,7 +272,8 @@ def run(args):
             current[0] = window
             phases_now[0] = Phases(args.warmup, args.steps)
             began = time.monotonic()
-            train.run(model, tokenizer, data, training.model_copy(update={"batch_size": batch, "max_steps": steps_run}), work, info)
+            train.run(model, tokenizer, data, training.model_copy(update={"batch_size": batch, "max_steps": steps_run}), work,
+                      info)
             steps = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
             # the trainer's clock starts at train(); add the load time before it
             first = (began - STARTED) + steps[0]["elapsed_seconds"]
@@ -269,15 +297,15 @@ def run(args):
     n = matmul_params(config)
     ceiling = matmul_ceiling()
     variants = args.compare.split(",") if args.compare else [args.variant]
-    if "bare" in variants and (variants[0] != "bare" or variants.count("bare") > 1):
-        raise SystemExit("--compare: 'bare' may come only first (see --help)")
     for batch, variant in [(b, v) for b in args.batches for v in variants]:
         args.variant = variant
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        if cuda():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         window = ProfileWindow(args.profile, start=args.steps)
         row = {"impl": args.impl, "variant": args.variant, "shape": args.shape, "precision": args.precision,
-               "batch": batch, "seq": args.seq, "checkpointing": bool(args.checkpointing), "gpu": torch.cuda.get_device_name(0)}
+               "batch": batch, "seq": args.seq, "checkpointing": bool(args.checkpointing),
+               "gpu": torch.cuda.get_device_name(0) if cuda() else None}
         try:
             rates, first, phases = measure(batch, window)
         except torch.OutOfMemoryError:
@@ -285,9 +313,11 @@ def run(args):
             continue
         median = statistics.median(rates)
         yield {**row,
-            "tokens_per_second": round(median, 1), "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "tokens_per_second": round(median, 1),
+            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda() else None,
             "time_to_first_step_s": round(first, 1) if first else None, "steps_measured": len(rates),
-            "mfu": round(4 * n * median / ceiling, 4), "bf16_matmul_tflops": round(ceiling / 1e12, 1), **window.report,
+            "mfu": round(4 * n * median / ceiling, 4) if ceiling else None,
+            "bf16_matmul_tflops": round(ceiling / 1e12, 1) if ceiling else None, **window.report,
             **phases.report(),
         }
 
@@ -388,6 +418,7 @@ def main() -> None:
     rn.add_argument("--checkpointing", type=int, default=1)
     rn.add_argument("--max-grad-norm", type=float, default=1.0, help="bare loops clip like job's trainer; 0: no clipping")
     rn.add_argument("--precision", choices=["4bit", "16bit", "fp8"], default="4bit", help="base weights (unsloth, job)")
+    rn.add_argument("--backend", choices=["unsloth", "hf"], default="unsloth", help="job only: the backend it loads with")
     rn.add_argument("--variant", default="default", help="job only: trainer settings (default, inline, noautocast, log5)")
     rn.add_argument("--compare", default="", help="job only: variants run one after another on the one loaded model, "
                                                    "'bare' for the bare loop on it, e.g. bare,default,inline; 'bare' only "
@@ -399,6 +430,9 @@ def main() -> None:
     if args.cmd == "make-model":
         make_model(args.shape, args.dir)
         return
+    variants = args.compare.split(",")
+    if "bare" in variants and (variants[0] != "bare" or variants.count("bare") > 1):
+        raise SystemExit("--compare: 'bare' may come only first (see --help)")
     for result in run(args):
         print(json.dumps(result), flush=True)
         if args.out:

@@ -1,0 +1,44 @@
+"""bench/train_throughput.py on the CPU (tiny random model, job's path on the hf backend): every mode a GPU call uses
+runs to its rows, so device time is never spent finding the script broken. The figures mean nothing here."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+SCRIPT = str(REPO / "bench" / "train_throughput.py")
+
+
+def bench(*args, cwd):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_the_bench_runs_its_compare_sweep_and_profile_modes_on_the_cpu(tmp_path):
+    made = bench("make-model", "--shape", "tiny", "--dir", str(tmp_path / "tiny"), cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-3000:]
+
+    rows, profile = tmp_path / "rows.jsonl", tmp_path / "profile.txt"
+    variants = ["bare", "default", "inline", "noautocast", "log5"]
+    ran = bench("run", "--impl", "job", "--backend", "hf", "--precision", "16bit", "--shape", "tiny",
+                "--model-dir", str(tmp_path / "tiny"), "--seq", "32", "--batch", "1,2", "--steps", "6", "--warmup", "1",
+                "--compare", ",".join(variants), "--profile", str(profile), "--out", str(rows), cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+
+    got = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [(r["batch"], r["variant"]) for r in got] == [(b, v) for b in (1, 2) for v in variants]
+    for row in got:
+        assert row["tokens_per_second"] > 0 and row["steps_measured"] >= 1, row
+        assert row["profiled_steps"] == 3 and row["profiled_wall_s"] > 0
+        phases = {k for k in row if k.startswith("host_ms_")}
+        assert "host_ms_forward_backward" in phases and ("host_ms_optimizer" in phases) == (row["variant"] == "bare")
+    assert all(r["steps_measured"] == 5 for r in got if r["variant"] != "log5")  # steps 2..6 after 1 warm-up
+    assert profile.read_text().count('"profiled_steps": 3') == len(got)
+
+
+def test_the_bare_loop_may_only_come_first_in_a_comparison(tmp_path):
+    refused = bench("run", "--impl", "job", "--backend", "hf", "--precision", "16bit", "--model-dir", str(tmp_path),
+                    "--compare", "default,bare", cwd=tmp_path)
+    assert refused.returncode != 0 and "'bare' may come only first" in refused.stderr
