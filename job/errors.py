@@ -5,6 +5,7 @@
 | 0    | published                                                      | -                           |
 | 1    | a bug: unexpected exception, traceback kept                    | counted against backoff     |
 | 2    | invalid spec, data or usage: the user must change something   | FailJob                     |
+|      | (also: the spec's configuration does not fit the GPU's memory) |                             |
 | 3    | a model, dataset or bucket is missing or access is denied      | FailJob                     |
 | 4    | an artifact failed verification                                | FailJob                     |
 | 75   | transient infrastructure (network, throttling)                 | retried                     |
@@ -24,7 +25,7 @@ EXIT_PREEMPTED = 76
 EXIT_CODES = {
     EXIT_OK: "published",
     EXIT_BUG: "bug (unexpected exception)",
-    EXIT_USER: "invalid spec, data or usage",
+    EXIT_USER: "invalid spec, data or usage; a configuration that does not fit the GPU's memory",
     EXIT_NOT_FOUND: "model, dataset or bucket missing or denied",
     EXIT_VERIFICATION: "artifact failed verification",
     EXIT_TRANSIENT: "transient infrastructure error; retry",
@@ -93,6 +94,18 @@ class Preempted(JobError):
 
     exit_code = EXIT_PREEMPTED
     kind = "preempted"
+
+
+class GpuOutOfMemory(JobError):
+    """Training ran out of GPU memory. The same spec on the same card would run out again, so it is the user's to
+    change (exit 2), not a transient failure to retry."""
+
+    exit_code = EXIT_USER
+    kind = "out_of_memory"
+
+    def __init__(self, message: str, *, step: int, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.step = step  # optimizer steps completed before the one that ran out
 
 
 class ToolMissingError(JobError):

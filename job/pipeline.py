@@ -248,8 +248,11 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
         if resume:
             events.info("train.resuming", step=resume.step, checkpoint=f"{store.uri}/{resume.key}")
         tensorboard_dir = staging / "tensorboard" if "tensorboard" in spec.logging.report_to else None
-        result = train.run(peft_model, tokenizer, dataset, training, work, info, checkpoints=plan, stop=stop,
-                           eval_dataset=eval_dataset, report_to=spec.logging.report_to, logging_dir=tensorboard_dir)
+        # An auto batch size that runs out of memory in the first step is halved and retried: the estimate erred.
+        may_halve = not resume and process.world_size == 1 and "batch_size" in resolved["auto"]
+        result = train.run_fitting(
+            peft_model, tokenizer, dataset, training, work, info, may_halve=may_halve, checkpoints=plan, stop=stop,
+            eval_dataset=eval_dataset, report_to=spec.logging.report_to, logging_dir=tensorboard_dir)
         if process.world_size > 1:
             torch.distributed.destroy_process_group()  # from here on rank 0 works alone
             if not process.is_main:

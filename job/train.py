@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job import log
-from job.errors import Preempted, VerificationError
+from job.errors import GpuOutOfMemory, Preempted, VerificationError
 from job.spec import TrainingSection
 
 
@@ -333,10 +333,18 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
                 batch_size=training.batch_size, gradient_accumulation_steps=training.gradient_accumulation_steps,
                 resumed_from_step=int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else None, **info)
     stop.in_training_loop = True
+    out_of_memory = False
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError:
+        out_of_memory = True  # raised below, once this block has let go of the traceback and the tensors it holds
     finally:
         stop.in_training_loop = False
+    if out_of_memory:
+        step = trainer.state.global_step
+        del trainer
+        _release_gpu_memory(torch)
+        raise _out_of_memory(step, training, info)
     if stop.requested:
         raise Preempted(f"stopped by SIGTERM after step {trainer.state.global_step}; the checkpoint is saved",
                         hint="run again with the same run id to resume")
@@ -362,3 +370,52 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
                 final_eval_loss=result.final_eval_loss, seconds=result.seconds,
                 tokens_per_second=result.tokens_per_second, peak_gpu_memory_gib=result.peak_gpu_memory_gib)
     return result
+
+
+def _release_gpu_memory(torch) -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _out_of_memory(step: int, training: TrainingSection, info: dict) -> GpuOutOfMemory:
+    import torch
+
+    used = ""
+    if torch.cuda.is_available():
+        peak, total = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.get_device_properties(0).total_memory / 2**30
+        used = f"; {peak:.1f} of {total:.1f} GiB allocated at the peak"
+    message = (f"the GPU ran out of memory in optimizer step {step + 1} (training.batch_size {training.batch_size} x "
+               f"max_seq_length {training.max_seq_length}, gradient_checkpointing {training.gradient_checkpointing}, "
+               f"precision {info.get('precision', 'n/a')}{used})")
+    if "batch_size" in (info.get("resolved") or {}).get("auto", []):
+        hint = (f"batch_size auto chose {training.batch_size} from job's memory estimate, which was too low here: set "
+                f"training.batch_size below {training.batch_size}, or gradient_checkpointing: true")
+    else:
+        hint = ("lower training.batch_size (raise gradient_accumulation_steps to keep the global batch), set "
+                "gradient_checkpointing: true, or let batch_size: auto size it to the card; `job plan` shows what fits")
+    return GpuOutOfMemory(message, step=step, hint=hint)
+
+
+def run_fitting(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, info: dict, *, may_halve: bool,
+                **kwargs) -> TrainResult:
+    """`run`, halving the batch size while the first optimizer step runs out of GPU memory, when `may_halve`: the
+    pipeline allows it for a batch size that `auto` chose, in a single process that resumed nothing. Only the
+    first step is retried: no weight has changed yet, so the retry trains exactly as if it had chosen the smaller
+    batch. The record of the auto choices (info["resolved"]) follows, so checkpoints and the manifest say what ran."""
+    events = log.get()
+    while True:
+        try:
+            return run(model, tokenizer, dataset, training, work_dir, info, **kwargs)
+        except GpuOutOfMemory as oom:
+            if not (may_halve and oom.step == 0 and training.batch_size > 1):
+                raise
+            smaller = training.batch_size // 2
+            events.warning("train.out_of_memory", step=oom.step + 1, batch_size=training.batch_size, retry_batch_size=smaller)
+            resolved = info.get("resolved")
+            if resolved is not None:
+                resolved["batch_size"] = smaller
+                resolved["reason"] = f"{resolved.get('reason', '')}; halved from {training.batch_size} after running out of memory"
+            training = training.model_copy(update={"batch_size": smaller})

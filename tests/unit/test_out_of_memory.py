@@ -1,0 +1,82 @@
+"""Running out of GPU memory in training. There is no GPU here, so the card is played by a forward pre-hook on a real
+tiny model that raises torch.OutOfMemoryError (what the CUDA allocator raises) for batches over a row limit, at a
+chosen forward call; the trainer, the retry and the error a user sees are the real ones."""
+
+import io
+import json
+
+import pytest
+
+from tests.unit.test_train_tokens import ROW_LENGTHS, tiny_lora_model
+
+
+def card_with_room_for(model, rows: int, from_call: int = 0):
+    """Forward calls from `from_call` on with more than `rows` rows run out of memory."""
+    import torch
+
+    calls = {"n": 0}
+
+    def check(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        calls["n"] += 1
+        if calls["n"] > from_call and ids.shape[0] > rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({ids.shape[0]} rows)")
+
+    model.register_forward_pre_hook(check, with_kwargs=True)
+    return model
+
+
+def train_on(tmp_path, tokenizer, model, *, batch_size, accumulation=1, steps=3, may_halve, resolved=None, name="run"):
+    import datasets
+
+    from job import train
+    from job.spec import TrainingSection
+
+    rows = [list(range(10, 10 + n)) for n in ROW_LENGTHS * 8]
+    data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    training = TrainingSection(max_steps=steps, batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                               optim="adamw_torch", warmup_steps=0, max_seq_length=64)
+    work = tmp_path / name
+    work.mkdir()
+    info = {"dtype": "float32", "backend": "hf", "precision": "16bit", **({"resolved": resolved} if resolved else {})}
+    result = train.run_fitting(model, tokenizer, data, training, work, info, may_halve=may_halve)
+    return [(r["step"], r["tokens"], r["loss"]) for r in map(json.loads, result.metrics_path.read_text().splitlines())]
+
+
+def test_an_auto_batch_that_runs_out_of_memory_in_the_first_step_is_halved_and_trains_as_that_batch_would(
+        tmp_path, smoke_tokenizer):
+    from job import log
+
+    events = io.StringIO()
+    log.setup(stream=events, json_logs=True)
+    # The second micro-batch of step 1 runs out: the first one's gradients are already accumulated when it does.
+    resolved = {"batch_size": 8, "auto": ["batch_size"], "reason": "26.0 of 80 GiB predicted"}
+    halved = train_on(tmp_path, smoke_tokenizer, card_with_room_for(tiny_lora_model(len(smoke_tokenizer)), 2, from_call=1),
+                      batch_size=8, accumulation=2, may_halve=True, resolved=resolved, name="halved")
+    direct = train_on(tmp_path, smoke_tokenizer, tiny_lora_model(len(smoke_tokenizer)), batch_size=2, accumulation=2,
+                      may_halve=False, name="direct")
+
+    assert len(direct) == 3 and halved == direct
+    assert resolved["batch_size"] == 2 and resolved["reason"].endswith("halved from 4 after running out of memory")
+    retries = [e for e in map(json.loads, events.getvalue().splitlines()) if e["event"] == "train.out_of_memory"]
+    assert [(e["batch_size"], e["retry_batch_size"]) for e in retries] == [(8, 4), (4, 2)]
+
+
+def test_out_of_memory_that_halving_may_not_mend_is_exit_2_with_the_step_and_the_settings(tmp_path, smoke_tokenizer):
+    from job.errors import EXIT_USER, GpuOutOfMemory
+
+    # A batch size the spec fixed: the user's to change, never changed behind their back.
+    with pytest.raises(GpuOutOfMemory) as fixed:
+        train_on(tmp_path, smoke_tokenizer, card_with_room_for(tiny_lora_model(len(smoke_tokenizer)), 2),
+                 batch_size=4, may_halve=False, name="fixed")
+    assert fixed.value.exit_code == EXIT_USER and fixed.value.step == 0
+    assert "optimizer step 1 (training.batch_size 4 x max_seq_length 64" in str(fixed.value)
+    assert "lower training.batch_size" in fixed.value.hint
+
+    # An auto batch that runs out after two steps were taken: the weights moved, a retry would not be the same run.
+    resolved = {"batch_size": 4, "auto": ["batch_size"], "reason": "predicted"}
+    with pytest.raises(GpuOutOfMemory) as later:
+        train_on(tmp_path, smoke_tokenizer, card_with_room_for(tiny_lora_model(len(smoke_tokenizer)), 2, from_call=2),
+                 batch_size=4, may_halve=True, resolved=resolved, name="later")
+    assert later.value.step == 2 and "optimizer step 3" in str(later.value)
+    assert "auto chose 4" in later.value.hint and resolved["batch_size"] == 4
