@@ -297,7 +297,8 @@ def run(args):
     n = matmul_params(config)
     ceiling = matmul_ceiling()
     variants = args.compare.split(",") if args.compare else [args.variant]
-    for batch, variant in [(b, v) for b in args.batches for v in variants]:
+    # variant by variant, each over every batch size: so a bare loop runs before any trainer has touched the model
+    for variant, batch in [(v, b) for v in variants for b in args.batches]:
         args.variant = variant
         if cuda():
             torch.cuda.empty_cache()

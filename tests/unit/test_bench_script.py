@@ -28,7 +28,7 @@ def test_the_bench_runs_its_compare_sweep_and_profile_modes_on_the_cpu(tmp_path)
     assert ran.returncode == 0, ran.stderr[-3000:]
 
     got = [json.loads(line) for line in rows.read_text().splitlines()]
-    assert [(r["batch"], r["variant"]) for r in got] == [(b, v) for b in (1, 2) for v in variants]
+    assert [(r["batch"], r["variant"]) for r in got] == [(b, v) for v in variants for b in (1, 2)]
     for row in got:
         assert row["tokens_per_second"] > 0 and row["steps_measured"] >= 1, row
         assert row["profiled_steps"] == 3 and row["profiled_wall_s"] > 0
