@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import os
 import random
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,10 @@ from job.errors import NotFoundError, SpecError, TransientError
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 _NOT_FOUND_CODES = {"NoSuchBucket", "NoSuchKey", "404", "NotFound", "AccessDenied", "403", "InvalidAccessKeyId",
                     "SignatureDoesNotMatch"}
+# 4xx answers that a retry can mend: throttling, a timed-out request, a clock or a token that is renewed meanwhile,
+# and a multipart upload completed by an earlier attempt whose answer was lost (the whole upload is sent again).
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests", "RequestTimeout",
+                    "RequestTimeTooSkewed", "ExpiredToken", "TokenRefreshRequired", "NoSuchUpload"}
 T = TypeVar("T")
 
 
@@ -110,8 +115,9 @@ class LocalStorage:
         if target.is_file() and target.stat().st_size == local.stat().st_size and sha256_file(target) == sha256:
             return False
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".partial-", delete=False) as tmp:
-            tmp_path = Path(tmp.name)
+        # A fresh name that copyfile creates itself, with the umask's mode: a NamedTemporaryFile's 0600 would follow the
+        # file through the rename and leave artifacts on a shared volume unreadable to anyone else.
+        tmp_path = target.with_name(f".partial-{uuid.uuid4().hex[:12]}-{target.name}")
         try:
             shutil.copyfile(local, tmp_path)
             os.replace(tmp_path, target)
@@ -236,7 +242,8 @@ class S3Storage:
             keys = []
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
                 keys.extend(obj["Key"][len(strip) :] for obj in page.get("Contents", []))
-            return sorted(keys)
+            # Zero-byte "folder" markers (a console's "Create folder") are no files: the local store lists none either.
+            return sorted(k for k in keys if k and not k.endswith("/"))
 
         return self._retrying(f"s3://{self.bucket}/{full}", list_all)
 
@@ -345,7 +352,7 @@ class S3Storage:
         self._retrying(f"delete {self._where(key)}", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
 
 
-def classify(exc: BaseException, what: str) -> NotFoundError | TransientError | None:
+def classify(exc: BaseException, what: str) -> NotFoundError | TransientError | SpecError | None:
     """Our error kind for a storage failure, or None for anything else (a bug, a local file problem)."""
     import http.client
 
@@ -355,7 +362,7 @@ def classify(exc: BaseException, what: str) -> NotFoundError | TransientError | 
     from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
     from s3transfer.exceptions import S3DownloadFailedError
 
-    if isinstance(exc, (NotFoundError, TransientError)):
+    if isinstance(exc, (NotFoundError, TransientError, SpecError)):
         return exc
     if isinstance(exc, S3UploadFailedError) and exc.__context__ is not None:
         exc = exc.__context__  # boto3 wraps the ClientError in a message; the code is in the original
@@ -364,11 +371,18 @@ def classify(exc: BaseException, what: str) -> NotFoundError | TransientError | 
     if isinstance(exc, boto.ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in _NOT_FOUND_CODES:
             return NotFoundError(f"{what}: {code}", hint="check the bucket name, the key and that the credentials may access it")
-        return TransientError(f"{what}: {code or exc}: {error.get('Message', '')}".rstrip(": "))
+        detail = f"{what}: {code or exc}: {error.get('Message', '')}".rstrip(": ")
+        if isinstance(status, int) and 300 <= status < 500 and status not in (408, 429) and code not in _TRANSIENT_CODES:
+            # The store refused the request itself (another region, an unsupported feature): it would refuse it again.
+            return SpecError(detail, hint="check run.output, run.endpoint_url and run.region (or AWS_REGION) for this store")
+        return TransientError(detail)
     if isinstance(exc, (boto.NoCredentialsError, boto.PartialCredentialsError)):
         return NotFoundError(f"{what}: no usable AWS credentials", hint="set the standard AWS env or role")
+    if isinstance(exc, boto.ParamValidationError):
+        return SpecError(f"{what}: {exc}", hint="check the bucket and key in run.output (or the s3:// URI)")
     transient = (boto.ConnectionError, boto.HTTPClientError, boto.IncompleteReadError, boto.FlexibleChecksumError,
                  boto.ChecksumError, boto.CredentialRetrievalError, urllib3.exceptions.HTTPError, http.client.HTTPException,
                  ConnectionError, TimeoutError, ChecksumMismatch, S3DownloadFailedError, S3UploadFailedError,
@@ -396,10 +410,14 @@ def read_uri(uri: str, settings: S3Settings | None = None) -> bytes:
             with urllib.request.urlopen(uri, timeout=60) as resp:  # noqa: S310 - the user's own spec URL
                 return resp.read()
         except urllib.error.HTTPError as exc:
+            if exc.code >= 500 or exc.code in (408, 429):  # the server's trouble or its rate limit: a retry may pass
+                raise TransientError(f"{uri}: HTTP {exc.code}") from exc
             raise NotFoundError(f"{uri}: HTTP {exc.code}") from exc
-        except (urllib.error.URLError, TimeoutError) as exc:
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
             raise TransientError(f"{uri}: {exc}") from exc
     try:
         return Path(uri).read_bytes()
     except (FileNotFoundError, IsADirectoryError) as exc:
         raise NotFoundError(f"no file {uri}") from exc
+    except PermissionError as exc:
+        raise NotFoundError(f"{uri}: permission denied", hint="make the file readable by the user job runs as") from exc

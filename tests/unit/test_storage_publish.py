@@ -94,6 +94,81 @@ def test_missing_bucket_is_not_found(s3_env):
         store.list()
 
 
+def test_local_output_files_get_the_mode_the_umask_gives_any_new_file(tmp_path):
+    # A shared volume's model server, running as another user, must be able to read what was published.
+    store = LocalStorage(tmp_path / "out")
+    publish.publish(make_staging(tmp_path), store, "r1", {"status": "complete"})
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out" / "r1").rglob("*") if p.is_file()}
+    assert set(modes) == {"adapter_config.json", "metrics.jsonl", "manifest.json"}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_folder_markers_are_not_objects(s3_env, bucket):
+    import boto3
+
+    client = boto3.client("s3")
+    for key in ("models/smol/", "models/smol/sub/", "models/smol/config.json"):  # a console's "Create folder" markers
+        client.put_object(Bucket=bucket, Key=key, Body=b"{}" if key.endswith(".json") else b"")
+    assert S3Storage(f"s3://{bucket}/models/smol", S3Settings()).list() == ["config.json"]
+
+
+@pytest.mark.parametrize(("status", "code", "kind"), [
+    (404, "NoSuchKey", "not_found"),
+    (403, "AccessDenied", "not_found"),
+    (400, "InvalidArgument", "spec"),  # e.g. a store that does not support the checksum sent
+    (400, "AuthorizationHeaderMalformed", "spec"),  # the wrong region for the endpoint
+    (301, "PermanentRedirect", "spec"),
+    (400, "RequestTimeout", "transient"),
+    (400, "ExpiredToken", "transient"),  # a web-identity token renewed by the next attempt
+    (404, "NoSuchUpload", "transient"),  # a multipart upload an earlier attempt completed: sent again whole
+    (429, "TooManyRequests", "transient"),
+    (503, "SlowDown", "transient"),
+    (500, "InternalError", "transient"),
+])
+def test_storage_errors_keep_their_kind(status, code, kind):
+    from botocore.exceptions import ClientError
+
+    from job.storage import classify
+
+    error = ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+    assert classify(error, "s3://b/k").kind == kind
+
+
+def test_http_reads_retry_only_what_a_retry_can_mend(tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from job.errors import TransientError
+    from job.storage import read_uri
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self):
+            status = int(self.path.strip("/"))
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert read_uri(f"{base}/200") == b"ok"
+        for status in (429, 500, 503):
+            with pytest.raises(TransientError, match=f"HTTP {status}"):
+                read_uri(f"{base}/{status}")
+        for status in (401, 403, 404):
+            with pytest.raises(NotFoundError, match=f"HTTP {status}"):
+                read_uri(f"{base}/{status}")
+    finally:
+        server.shutdown()
+
+
 def test_local_keys_cannot_escape_the_output(tmp_path):
     from job.errors import SpecError
 
