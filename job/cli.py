@@ -90,8 +90,9 @@ set_option = click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD
 def main() -> None:
     """Fine-tune an LLM with (Q)LoRA from one run spec and publish verified artifacts.
 
-    Exit codes: 0 published, 2 invalid spec/data/usage, 3 model/data/bucket missing or denied,
-    4 artifact failed verification, 75 transient infrastructure error (retry), 1 bug.
+    Exit codes: 0 published, 2 invalid spec/data/usage (or too big for the GPU), 3 model/data/bucket missing or
+    denied, 4 artifact failed verification, 75 transient infrastructure error (retry), 76 preempted (a checkpoint
+    was written; rerun to resume), 1 bug.
     """
 
 
@@ -119,13 +120,7 @@ def run(spec_arg: str | None, sets: tuple[str, ...]) -> None:
     from job.train import StopRequest
 
     stop = StopRequest()
-
-    def on_sigterm(*_):
-        stop.requested = True
-        if not stop.in_training_loop:
-            raise errors.TransientError("stopped by SIGTERM outside the training loop", hint="a rerun resumes")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGTERM, stop.on_sigterm)
     # Libraries draw tqdm bars on stderr; the run reports progress as events instead.
     os.environ.setdefault("TQDM_DISABLE", "1")
     # stdout carries JSON events and nothing else: libraries that print (wandb, transformers' integrations, C code)
@@ -148,8 +143,8 @@ def run(spec_arg: str | None, sets: tuple[str, ...]) -> None:
     except errors.JobError as exc:
         fail(exc)
         return
-    except KeyboardInterrupt:
-        fail(errors.TransientError("interrupted"))
+    except (KeyboardInterrupt, errors.Interrupted) as exc:
+        fail(errors.TransientError(str(exc) or "interrupted", hint="a rerun resumes from the last checkpoint"))
         return
     except Exception:
         events.exception("run.crashed", exit_code=errors.EXIT_BUG)

@@ -108,6 +108,12 @@ class GpuOutOfMemory(JobError):
         self.step = step  # optimizer steps completed before the one that ran out
 
 
+class Interrupted(BaseException):
+    """SIGTERM outside the training loop (loading, exporting, publishing): nothing to checkpoint; a rerun resumes.
+    A BaseException, like KeyboardInterrupt, so that no retry loop or error wrapper on its way up takes it for an
+    ordinary failure and carries on while the pod's grace period runs out. The CLI exits 75."""
+
+
 class ToolMissingError(JobError):
     """A build tool or binary the run needs is not installed."""
 

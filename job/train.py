@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job import log
-from job.errors import GpuOutOfMemory, Preempted, VerificationError
+from job.errors import GpuOutOfMemory, Interrupted, Preempted, VerificationError
 from job.spec import TrainingSection
 
 
@@ -23,6 +23,11 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self.in_training_loop = False
+
+    def on_sigterm(self, *_) -> None:
+        self.requested = True
+        if not self.in_training_loop:
+            raise Interrupted("stopped by SIGTERM outside the training loop")
 
 
 @dataclass

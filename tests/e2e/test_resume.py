@@ -159,3 +159,21 @@ def test_a_restart_of_a_complete_run_publishes_nothing_new(tmp_path, uninterrupt
     assert code == 0, stderr[-3000:]
     assert any(e["event"] == "run.already_complete" for e in events)
     assert not steps_trained(events)
+
+
+def test_sigterm_before_training_exits_75_and_is_no_failure(tmp_path):
+    """Outside the training loop there is nothing to checkpoint: the run ends at once with 75 (Kubernetes retries
+    it), whatever retry loop or error wrapper it is in; like a preemption in the loop, it is recorded as no failure."""
+    output = tmp_path / "runs"
+    proc = start(tmp_path, str(output))
+    seen = []
+    for line in proc.stdout:
+        seen.append(json.loads(line))
+        if seen[-1]["event"] == "stage.started" and seen[-1].get("stage") == "fetch_model":
+            break
+    proc.send_signal(signal.SIGTERM)
+    code, seen, stderr = finish(proc, seen)
+    assert code == 75, stderr[-3000:]
+    assert "stopped by SIGTERM outside the training loop" in stderr
+    assert not any(e["event"] == "train.started" for e in seen)
+    assert not (output / "smoke" / "manifest.json").exists() and not (output / "smoke" / "failure.json").exists()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 
 import pytest
@@ -147,22 +146,26 @@ def test_a_failed_multipart_upload_is_aborted_even_when_the_first_abort_fails(tm
     assert stored(direct, bucket, "runs/big.bin") is None
 
 
-def test_an_upload_interrupted_by_sigterm_is_aborted(tmp_path, bucket, proxy, direct):
-    """The CLI turns SIGTERM into SystemExit(75); s3transfer must abort the multipart upload on the way out."""
+def test_an_upload_interrupted_by_sigterm_is_aborted_and_not_retried(tmp_path, bucket, proxy, direct):
+    """The CLI's SIGTERM handler, outside the training loop, raises Interrupted: the upload must end at once (not be
+    retried as a transient failure while the pod's grace period runs out) and abort its multipart upload."""
+    from job.errors import Interrupted
+    from job.train import StopRequest
+
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(12 * 1024 * 1024))
     proxy.add(Fault.DELAY, method="PUT", match="partNumber=", seconds=1.5)
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_TRANSIENT))
+    previous = signal.signal(signal.SIGTERM, StopRequest().on_sigterm)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
     try:
         timer.start()
-        with pytest.raises(SystemExit):
+        with pytest.raises(Interrupted):
             S3Storage(f"s3://{bucket}", FAST).upload_file(big, "runs/big.bin", "0" * 64)
     finally:
         timer.cancel()
         signal.signal(signal.SIGTERM, previous)
 
-    assert any(method == "POST" and target.endswith("?uploads") for method, target in proxy.requests)
+    assert sum(1 for method, target in proxy.requests if method == "POST" and target.endswith("?uploads")) == 1
     assert pending_uploads(direct, bucket) == []
     assert stored(direct, bucket, "runs/big.bin") is None
 
