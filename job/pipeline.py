@@ -143,6 +143,29 @@ def resolve_auto(spec: Spec, config: dict, dataset, device, backend_name: str) -
     return resolved
 
 
+def _on_rank_0(process: Process, decide):
+    """`decide()` on rank 0 alone, its answer (or its error) given to every rank. The `auto` choices depend on each
+    card's free memory: ranks that chose apart would train different configurations, or different numbers of steps
+    and then wait on each other forever."""
+    if process.world_size == 1:
+        return decide()
+    import torch.distributed as dist
+
+    box: list = [None]
+    failure = None
+    if process.is_main:
+        try:
+            box[0] = {"value": decide()}
+        except JobError as exc:
+            failure, box[0] = exc, {"error": str(exc)}
+    dist.broadcast_object_list(box, src=0)
+    if failure:
+        raise failure
+    if "error" in box[0]:
+        raise SpecError(box[0]["error"], where="rank 0")
+    return box[0]["value"]
+
+
 def _join_process_group(process: Process, cuda: bool) -> None:
     """Join torchrun's group before loading anything, so each rank loads onto its own card; the Trainer reuses it."""
     import torch
@@ -178,6 +201,9 @@ def _record_failure(store, run_id: str, exc: Exception, stage_name: str) -> None
 def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict, process: Process) -> RunResult | None:
     import torch
 
+    if torch.cuda.is_available() and process.world_size > 1:
+        # Before anything touches CUDA: else every rank opens a context on card 0, and rank 0 sees less free memory.
+        torch.cuda.set_device(process.local_rank)
     # The backend is imported first: unsloth must patch transformers, trl and peft before anyone imports them.
     backend_name = backends.pick(spec.training, torch.cuda.is_available())
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
@@ -232,7 +258,8 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
     with stage("train", timings), _current(current, "train"):
         # `auto` fields resolved once; a resumed run keeps what its checkpoint was trained with.
         resolved = resume.record.get("resolved") if resume else None
-        resolved = resolved or resolve_auto(spec, model.read_config(fetched.path), dataset, _device(torch), backend_name)
+        resolved = resolved or _on_rank_0(process, lambda: resolve_auto(
+            spec, model.read_config(fetched.path), dataset, _device(torch), backend_name))
         model_section = spec.model.model_copy(update={"precision": resolved["precision"]})
         training = spec.training.model_copy(update={k: resolved[k] for k in ("batch_size", "gradient_checkpointing")})
         peft_model, _, info = backend.load_for_training(fetched.path, model_section, spec.lora, training)
