@@ -97,15 +97,15 @@ class Preempted(JobError):
 
 
 class GpuOutOfMemory(JobError):
-    """Training ran out of GPU memory. The same spec on the same card would run out again, so it is the user's to
+    """The run ran out of GPU memory. The same spec on the same card would run out again, so it is the user's to
     change (exit 2), not a transient failure to retry."""
 
     exit_code = EXIT_USER
     kind = "out_of_memory"
 
-    def __init__(self, message: str, *, step: int, hint: str | None = None):
+    def __init__(self, message: str, *, step: int | None = None, hint: str | None = None):
         super().__init__(message, hint=hint)
-        self.step = step  # optimizer steps completed before the one that ran out
+        self.step = step  # optimizer steps completed before the one that ran out (None: outside the training loop)
 
 
 class Interrupted(BaseException):

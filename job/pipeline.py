@@ -18,7 +18,7 @@ import structlog
 import yaml
 
 from job import backends, card, checkpoint, data, export, llamacpp, log, model, plan, plots, publish, train, verify
-from job.errors import JobError, Preempted, SpecError
+from job.errors import DataError, GpuOutOfMemory, JobError, Preempted, SpecError
 from job.spec import Spec
 from job.storage import S3Settings, open_location
 
@@ -99,9 +99,24 @@ def run(spec: Spec, paths: Paths, stop: train.StopRequest | None = None, process
     except Preempted:
         raise
     except Exception as exc:
+        error = _out_of_memory_outside_training(exc, current["stage"]) or exc
         if process.is_main:
-            _record_failure(store, spec.run_id, exc, current["stage"])
-        raise
+            _record_failure(store, spec.run_id, error, current["stage"])
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def _out_of_memory_outside_training(exc: Exception, stage_name: str) -> GpuOutOfMemory | None:
+    """Out of GPU memory while loading, evaluating, merging or verifying: the user's to change, like in a step."""
+    import torch
+
+    if not isinstance(exc, torch.OutOfMemoryError):
+        return None
+    return GpuOutOfMemory(
+        f"the GPU ran out of memory in stage {stage_name}",
+        hint="use a card with more memory (`job plan` shows which fit) or precision: 4bit; merging and verifying load "
+             "the 16-bit base on the GPU, so export.merged: false (with export.gguf: []) needs the least")
 
 
 def _device(torch) -> tuple[str, float, tuple[int, int]] | None:
@@ -251,7 +266,11 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
             eval_dataset, data_stats["eval"], _ = data.prepare(eval_section, tokenizer, spec.training.max_seq_length,
                                                                 work / "eval", s3)
         elif spec.data.eval_split:
-            parts = dataset.train_test_split(test_size=spec.data.eval_split, seed=spec.training.seed)
+            try:
+                parts = dataset.train_test_split(test_size=spec.data.eval_split, seed=spec.training.seed)
+            except ValueError as exc:  # datasets refuses a split that leaves either side empty
+                raise DataError(f"data.eval_split: {spec.data.eval_split} of {len(dataset)} rows leaves no row on one "
+                                f"side ({exc})", hint="use more rows, another eval_split, or a separate data.eval") from exc
             dataset, eval_dataset = parts["train"], parts["test"]
             data_stats["eval"] = {"rows": len(eval_dataset), "from": "data.eval_split"}
 

@@ -130,6 +130,10 @@ def _events_callback(metrics_path: Path, started: float):
             self.first_step: int | None = None
             self.first_time = started
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            # A resumed run's count starts at the checkpoint's: its first rate counts this attempt's tokens only.
+            self.last_tokens = state.num_input_tokens_seen
+
         def on_step_begin(self, args, state, control, **kwargs):
             if self.first_step is None:
                 self.first_step, self.first_time = state.global_step, time.monotonic()
@@ -349,7 +353,7 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
         step = trainer.state.global_step
         del trainer
         _release_gpu_memory(torch)
-        raise _out_of_memory(step, training, info)
+        raise _out_of_memory(step, training, info, resumed=resume_from is not None)
     if stop.requested:
         raise Preempted(f"stopped by SIGTERM after step {trainer.state.global_step}; the checkpoint is saved",
                         hint="run again with the same run id to resume")
@@ -385,22 +389,28 @@ def _release_gpu_memory(torch) -> None:
         torch.cuda.empty_cache()
 
 
-def _out_of_memory(step: int, training: TrainingSection, info: dict) -> GpuOutOfMemory:
+def _out_of_memory(step: int, training: TrainingSection, info: dict, resumed: bool) -> GpuOutOfMemory:
     import torch
 
     used = ""
     if torch.cuda.is_available():
-        peak, total = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.get_device_properties(0).total_memory / 2**30
+        peak, total = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
         used = f"; {peak:.1f} of {total:.1f} GiB allocated at the peak"
     message = (f"the GPU ran out of memory in optimizer step {step + 1} (training.batch_size {training.batch_size} x "
                f"max_seq_length {training.max_seq_length}, gradient_checkpointing {training.gradient_checkpointing}, "
                f"precision {info.get('precision', 'n/a')}{used})")
+    remedies = []
+    if training.batch_size > 1:
+        remedies.append(f"lower training.batch_size below {training.batch_size} (raise gradient_accumulation_steps to "
+                        "keep the global batch)")
+    if not training.gradient_checkpointing:
+        remedies.append("set training.gradient_checkpointing: true")
+    remedies.append("shorten training.max_seq_length or use a card with more memory (`job plan` shows what fits)")
+    hint = "; ".join(remedies)
     if "batch_size" in (info.get("resolved") or {}).get("auto", []):
-        hint = (f"batch_size auto chose {training.batch_size} from job's memory estimate, which was too low here: set "
-                f"training.batch_size below {training.batch_size}, or gradient_checkpointing: true")
-    else:
-        hint = ("lower training.batch_size (raise gradient_accumulation_steps to keep the global batch), set "
-                "gradient_checkpointing: true, or let batch_size: auto size it to the card; `job plan` shows what fits")
+        hint = f"batch_size auto chose {training.batch_size} from job's memory estimate, which was too low here: {hint}"
+    if resumed:  # the checkpoint resumes only the settings that wrote it
+        hint += "; this run resumed a checkpoint, so changed settings need a new run.id"
     return GpuOutOfMemory(message, step=step, hint=hint)
 
 

@@ -109,6 +109,11 @@ def test_sigterm_checkpoints_exits_76_and_resumes_to_the_same_adapter(tmp_path, 
     resumed = next(e for e in second if e["event"] == "train.resuming")
     assert resumed["step"] == stopped_at
     assert steps_trained(second) == list(range(stopped_at + 1, STEPS + 1))  # no step repeated
+    # The token count goes on from the checkpoint's, and the first rate counts only this attempt's tokens.
+    first_resumed = next(e for e in second if e["event"] == "train.step")
+    this_attempt = first_resumed["tokens"] - next(e["tokens"] for e in first if e["event"] == "train.step" and e["step"] == stopped_at)
+    assert 0 < this_attempt < first_resumed["tokens"]
+    assert abs(first_resumed["tokens_per_second"] * first_resumed["elapsed_seconds"] - this_attempt) <= 0.02 * this_attempt + 1
     run_dir = output / "smoke"
     assert_same_adapter(adapter_tensors(run_dir), want)
     manifest = json.loads((run_dir / "manifest.json").read_text())

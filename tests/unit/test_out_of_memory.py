@@ -71,7 +71,7 @@ def test_out_of_memory_that_halving_may_not_mend_is_exit_2_with_the_step_and_the
                  batch_size=4, may_halve=False, name="fixed")
     assert fixed.value.exit_code == EXIT_USER and fixed.value.step == 0
     assert "optimizer step 1 (training.batch_size 4 x max_seq_length 64" in str(fixed.value)
-    assert "lower training.batch_size" in fixed.value.hint
+    assert "lower training.batch_size below 4" in fixed.value.hint and "new run.id" not in fixed.value.hint
 
     # An auto batch that runs out after two steps were taken: the weights moved, a retry would not be the same run.
     resolved = {"batch_size": 4, "auto": ["batch_size"], "reason": "predicted"}
