@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +61,7 @@ def to_gguf(tools: llamacpp.Tools, merged_dir: Path, out_dir: Path, types: list[
     events = log.get()
     gguf_dir = out_dir / "gguf"
     gguf_dir.mkdir(parents=True, exist_ok=True)
-    threads = os.cpu_count() or 1
+    threads = llamacpp.cpu_threads()
     intermediate = gguf_dir / f"{stem}-bf16.gguf"
     events.info("export.gguf.convert.started", outtype="bf16")
     llamacpp.convert(tools, merged_dir, intermediate, "bf16")

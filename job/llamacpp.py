@@ -6,6 +6,7 @@ into a cache with docker/build-llama-cpp.sh. Nothing is cloned or compiled while
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -52,8 +53,26 @@ def locate(home: Path) -> Tools:
     return tools
 
 
+def cpu_threads(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a pod's limits.cpu), which
+    os.cpu_count() does not see. llama.cpp with one thread per node core under an 8-CPU quota spends its time
+    throttled, and a spinning thread that is descheduled stalls all the others."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return count
+
+
 def _run(cmd: list[str], what: str, env: dict | None = None, timeout: int = 3 * 3600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    try:
+        # llama-completion prints each token's raw bytes: text cut at the token limit may end inside a character.
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise VerificationError(f"{what} did not finish within {timeout} s") from exc
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout)[-2000:]
         raise VerificationError(f"{what} failed with exit code {proc.returncode}: {tail}")

@@ -6,7 +6,6 @@ their answers like PyTorch does; every GGUF must load and produce text. Lower-bi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,7 +107,7 @@ def template_emits_bos(tokenizer) -> bool:
 
 
 def answer_with_gguf(tools: llamacpp.Tools, gguf: Path, tokenizer, probes: list[str], max_new_tokens: int) -> list[str]:
-    threads = os.cpu_count() or 1
+    threads = llamacpp.cpu_threads()
     answers = []
     for probe in probes:
         prompt = chat_prompt(tokenizer, probe)

@@ -70,3 +70,23 @@ def test_a_gguf_that_answers_nothing_or_differently_fails_the_gates(smoke_tokeni
     ok = verify.ProbeReport(["Q?"], adapter=["A"], adapter_on_16bit_base=["My name is Quill."], merged=["My name is Quill."],
                             gguf={"q8_0": ["My name is Quill."], "q2_k": ["My name is Bob."]})
     verify.check(ok, smoke_tokenizer)  # lower-bit quants and the 4-bit-trained answer are recorded, not gated
+
+
+def test_llama_cpp_threads_follow_the_cgroup_quota_not_the_node(tmp_path):
+    import os
+
+    mine = len(os.sched_getaffinity(0))
+    (tmp_path / "quota").write_text("150000 100000\n")  # limits.cpu: 1.5
+    (tmp_path / "unlimited").write_text("max 100000\n")
+    assert llamacpp.cpu_threads(tmp_path / "quota") == min(mine, 2)
+    assert llamacpp.cpu_threads(tmp_path / "unlimited") == mine
+    assert llamacpp.cpu_threads(tmp_path / "no-cgroup-v2") == mine
+
+
+def test_tool_output_cut_inside_a_character_or_a_hung_tool_is_a_result_not_a_crash():
+    import sys
+
+    cut = llamacpp._run([sys.executable, "-c", "import sys; sys.stdout.buffer.write('名前'.encode()[:4])"], "cut")
+    assert cut.stdout == "名\ufffd"
+    with pytest.raises(VerificationError, match="did not finish within 1 s"):
+        llamacpp._run([sys.executable, "-c", "import time; time.sleep(30)"], "hung", timeout=1)
