@@ -203,6 +203,19 @@ def _read_hub(data: DataSection) -> list[Any]:
         loaded = datasets.load_dataset(data.source, split=data.split)
     except (RepositoryNotFoundError, datasets.exceptions.DatasetNotFoundError) as exc:
         raise NotFoundError(f"data.source: dataset {data.source!r} not found on the Hugging Face hub") from exc
+    except (datasets.exceptions.DataFilesNotFoundError, datasets.data_files.EmptyDatasetError) as exc:
+        # FileNotFoundError subclasses: caught before OSError, which would call them transient
+        raise NotFoundError(f"data.source: {data.source!r} holds no data files that datasets can read ({exc})",
+                            hint="point data.source at a dataset with .jsonl/.json/.parquet/.csv files") from exc
+    except ValueError as exc:
+        if "split" not in str(exc).lower():
+            raise
+        raise DataError(f"data.split: {exc}", hint="set data.split to one of the dataset's splits") from exc
+    except RuntimeError as exc:
+        if "scripts are no longer supported" not in str(exc):
+            raise
+        raise DataError(f"data.source: {exc}", hint="datasets 4 loads only data files: use a dataset (or its "
+                        "refs/convert/parquet revision) that has them") from exc
     except (LocalEntryNotFoundError, ConnectionError, OSError) as exc:
         raise TransientError(f"data.source: could not reach the Hugging Face hub for {data.source!r}: {exc}") from exc
     return loaded.to_list()

@@ -148,3 +148,19 @@ def test_hub_dataset_id_reaches_the_network_boundary(tmp_path, smoke_tokenizer, 
     with pytest.raises((TransientError, NotFoundError)) as err:
         data.read_rows(DataSection(source="yahma/alpaca-cleaned"), tmp_path, S3Settings())
     assert "yahma/alpaca-cleaned" in str(err.value)
+
+
+def test_hub_loader_errors_keep_their_kind(tmp_path, monkeypatch):
+    """What datasets raises for a repository without data files (FileNotFoundError subclasses, once taken for
+    network trouble) and for a split it lacks, through the loader a hub id uses, on folders it can read offline."""
+    from job.errors import NotFoundError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "README.md").write_text("no data here\n")
+    with pytest.raises(NotFoundError, match="holds no data files"):
+        data._read_hub(DataSection(source=str(tmp_path / "nothing")))
+    (tmp_path / "train-only").mkdir()
+    (tmp_path / "train-only" / "train.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(DataError, match='data.split: Unknown split "validation"'):
+        data._read_hub(DataSection(source=str(tmp_path / "train-only"), split="validation"))
