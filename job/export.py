@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from job import llamacpp, log
+from job.model import read_config
 from job.spec import ExportSection, ModelSection
 
 
@@ -41,11 +42,9 @@ def merge(base_path: Path, adapter_dir: Path, out_dir: Path, model: ModelSection
         base_path, dtype=work_dtype, trust_remote_code=model.trust_remote_code, use_safetensors=True, device_map=device
     )
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    save_dtype = getattr(base.config, "dtype", None) or torch.bfloat16
-    if isinstance(save_dtype, str):
-        save_dtype = getattr(torch, save_dtype)
-    if save_dtype not in (torch.bfloat16, torch.float16):
-        save_dtype = torch.bfloat16
+    # The dtype the checkpoint declares: the loaded model's config says work_dtype by now. float32 bases save as bf16.
+    config = read_config(base_path)
+    save_dtype = torch.float16 if (config.get("dtype") or config.get("torch_dtype")) == "float16" else torch.bfloat16
     merged = merged.to(save_dtype)
     merged.config.dtype = save_dtype
     merged.save_pretrained(merged_dir, safe_serialization=True)

@@ -90,3 +90,29 @@ def test_tool_output_cut_inside_a_character_or_a_hung_tool_is_a_result_not_a_cra
     assert cut.stdout == "名\ufffd"
     with pytest.raises(VerificationError, match="did not finish within 1 s"):
         llamacpp._run([sys.executable, "-c", "import time; time.sleep(30)"], "hung", timeout=1)
+
+
+@pytest.mark.parametrize("declared", ["float16", "bfloat16"])
+def test_merged_weights_keep_the_base_checkpoints_16_bit_dtype(tmp_path, smoke_tokenizer, declared):
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from job import export
+    from job.spec import ModelSection
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smoke_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    LlamaForCausalLM(config).to(getattr(torch, declared)).save_pretrained(tmp_path / "base")
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["dtype"] == declared
+    adapter = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj"]))
+    export.save_adapter(adapter, smoke_tokenizer, tmp_path / "out")
+
+    merged_dir, method = export.merge(tmp_path / "base", tmp_path / "out" / "adapter", tmp_path / "out", ModelSection(name="x"))
+    assert json.loads((merged_dir / "config.json").read_text())["dtype"] == declared and method.endswith(f"saved as {declared})")
+    with safe_open(merged_dir / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {getattr(torch, declared)}
