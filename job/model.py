@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,11 +162,18 @@ def materialize_gguf(gguf: Path, target: Path) -> None:
         token_id = getattr(config, f"{role}_token_id", None)
         if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
-    partial = target.with_name(target.name + ".partial")
+    # A folder of this process's own, renamed into place: two runs sharing a cache (pods on one volume) may both
+    # materialize the same GGUF, and the one that renames second keeps the first one's copy.
+    partial = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex[:12]}")
     plain.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     repair_byte_level_tokenizer(gguf, partial / "tokenizer.json")
-    partial.rename(target)
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(partial)
 
 
 # GGUF pre-tokenizer names (llama.cpp's tokenizer.ggml.pre) → the Hugging Face pre-tokenizer they stand for.

@@ -221,3 +221,17 @@ def test_modelscope_gets_the_request_and_its_refusal_sets_the_exit_code(tmp_path
 def test_a_modelscope_name_needs_owner_and_name():
     with pytest.raises(ValueError, match="modelscope://owner/name"):
         ModelSection(name="modelscope://Meta-Llama-3.1-8B-Instruct")
+
+
+def test_a_gguf_materialized_meanwhile_by_another_run_sharing_the_cache_is_kept(smoke_model_dir, tmp_path):
+    import shutil
+
+    from job.model import materialize_gguf, package_file
+    from tests.conftest import SMOKE_GGUF
+
+    target = tmp_path / "model"
+    shutil.copytree(smoke_model_dir, target)  # the other run's copy, renamed into place while this run worked
+    before = {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
+    materialize_gguf(package_file(SMOKE_GGUF, "model.name"), target)  # this run finishes second
+    assert {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # its own folder is gone
