@@ -338,13 +338,21 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; our callback emits events instead
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    resumed_step = int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else None
     events.info("train.started", rows=len(dataset), max_steps=training.max_steps, epochs=training.num_epochs,
                 batch_size=training.batch_size, gradient_accumulation_steps=training.gradient_accumulation_steps,
-                resumed_from_step=int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else None, **info)
+                resumed_from_step=resumed_step, **info)
+    # A checkpoint of the last step (SIGTERM in it): transformers checks max_steps only after a step, so resuming
+    # would train one step past the end. The checkpoint's adapter is the trained one.
+    finished = resumed_step is not None and 0 < training.max_steps <= resumed_step
     stop.in_training_loop = True
     out_of_memory = False
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if finished:
+            _load_adapter(model, resume_from)
+            events.info("train.already_finished", step=resumed_step)
+        else:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except torch.OutOfMemoryError:
         out_of_memory = True  # raised below, once this block has let go of the traceback and the tensors it holds
     finally:
@@ -364,7 +372,7 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
     losses = callback.losses
     tps = sorted(callback.tps)
     result = TrainResult(
-        steps=trainer.state.global_step,
+        steps=resumed_step if finished else trainer.state.global_step,
         first_loss=losses[0] if losses else None,
         final_loss=losses[-1] if losses else None,
         seconds=round(seconds, 2),
@@ -379,6 +387,13 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
                 final_eval_loss=result.final_eval_loss, seconds=result.seconds,
                 tokens_per_second=result.tokens_per_second, peak_gpu_memory_gib=result.peak_gpu_memory_gib)
     return result
+
+
+def _load_adapter(model, checkpoint_dir: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(checkpoint_dir / "adapter_model.safetensors"))
 
 
 def _release_gpu_memory(torch) -> None:

@@ -182,3 +182,24 @@ def test_sigterm_before_training_exits_75_and_is_no_failure(tmp_path):
     assert "stopped by SIGTERM outside the training loop" in stderr
     assert not any(e["event"] == "train.started" for e in seen)
     assert not (output / "smoke" / "manifest.json").exists() and not (output / "smoke" / "failure.json").exists()
+
+
+def test_sigterm_in_the_last_step_resumes_to_the_end_without_a_step_past_it(tmp_path, uninterrupted):
+    """A checkpoint of the last step, resumed: transformers would train one step past max_steps (it checks the limit
+    only after a step); the rerun must take the checkpoint's adapter as the trained one and publish it."""
+    want, _ = uninterrupted
+    output = tmp_path / "runs"
+    proc = start(tmp_path, str(output))
+    seen = events_until(proc, STEPS - 1)  # logged after step 7's end: the signal lands in step 8, the last
+    proc.send_signal(signal.SIGTERM)
+    code, first, stderr = finish(proc, seen)
+    assert code == 76, stderr[-3000:]
+    assert steps_trained(first)[-1] == STEPS
+    assert [e for e in first if e["event"] == "checkpoint.saved"][-1]["step"] == STEPS
+
+    code, second, stderr = finish(start(tmp_path, str(output)), [])
+    assert code == 0, stderr[-3000:]
+    assert steps_trained(second) == []
+    manifest = json.loads((output / "smoke" / "manifest.json").read_text())
+    assert manifest["training"]["steps"] == STEPS and manifest["training"]["resumed_from_step"] == STEPS
+    assert_same_adapter(adapter_tensors(output / "smoke"), want)
