@@ -23,6 +23,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self.in_training_loop = False
+        self.saved_step: int | None = None  # the step of the newest checkpoint this attempt wrote
 
     def on_sigterm(self, *_) -> None:
         self.requested = True
@@ -283,6 +284,7 @@ def _checkpoint_callback(plan: CheckpointPlan, stop: StopRequest, metrics_path: 
 
         def on_save(self, args, state, control, **kwargs):
             self.last_save = time.monotonic()
+            stop.saved_step = state.global_step
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero:
                 shutil.copyfile(metrics_path, folder / "metrics.jsonl")
@@ -363,8 +365,10 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
         _release_gpu_memory(torch)
         raise _out_of_memory(step, training, info, resumed=resume_from is not None)
     if stop.requested:
-        raise Preempted(f"stopped by SIGTERM after step {trainer.state.global_step}; the checkpoint is saved",
-                        hint="run again with the same run id to resume")
+        step = trainer.state.global_step
+        # A signal after the last step's end (in a final evaluation, say) finds no step left to checkpoint after.
+        saved = "its checkpoint is saved" if stop.saved_step == step else "a rerun resumes from the newest checkpoint"
+        raise Preempted(f"stopped by SIGTERM after step {step}; {saved}", hint="run again with the same run id to resume")
     evaluated_last_step = callback.eval_losses and training.eval_every and trainer.state.global_step % training.eval_every == 0
     if eval_dataset is not None and not evaluated_last_step:
         trainer.evaluate()  # the manifest's eval loss is the final model's
