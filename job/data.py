@@ -6,6 +6,7 @@ format is testable without a network.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -85,10 +86,12 @@ def _decode(raw: bytes, shown: str, suffix: str) -> str:
     try:
         return raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not part of row 1
     except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
+        # utf-8-sig counts from after the byte-order mark; the file's offsets count it
+        offset = exc.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)
+        line = raw.count(b"\n", 0, offset) + 1
         where = f"row {line} (line {line})" if suffix == ".jsonl" else f"line {line}"
         raise DataError(
-            f"data.source: {shown} is not UTF-8 text: {where} has the byte 0x{raw[exc.start]:02x} at byte offset {exc.start}",
+            f"data.source: {shown} is not UTF-8 text: {where} has the byte 0x{raw[offset]:02x} at byte offset {offset}",
             hint="re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT) or fix that row",
         ) from exc
 

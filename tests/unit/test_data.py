@@ -133,12 +133,15 @@ def test_template_that_drops_the_assistant_turn_is_refused(tmp_path, smoke_token
     assert "row 1" in str(err.value)
 
 
-def test_non_utf8_file(tmp_path, smoke_tokenizer):
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_non_utf8_file_names_the_row_and_the_byte(tmp_path, smoke_tokenizer, bom):
     path = tmp_path / "rows.jsonl"
-    path.write_bytes(b'{"text": "caf\xe9"}\n')
+    path.write_bytes(bom + b'{"text": "tea"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError) as err:
         data.prepare(DataSection(source=str(path)), smoke_tokenizer, 64, tmp_path, S3Settings())
-    assert "not UTF-8" in str(err.value)
+    offset = len(bom) + 29
+    assert path.read_bytes()[offset] == 0xE9
+    assert f"not UTF-8 text: row 2 (line 2) has the byte 0xe9 at byte offset {offset}" in str(err.value)
 
 
 def test_hub_dataset_id_reaches_the_network_boundary(tmp_path, smoke_tokenizer, monkeypatch):
