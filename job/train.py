@@ -126,6 +126,7 @@ def _events_callback(metrics_path: Path, started: float):
             self.last_tokens, self.last_time = 0, started
             self.losses: list[float] = []
             self.eval_losses: list[float] = []
+            self.eval_steps: list[int] = []
             self.tps: list[float] = []
             self.logged_here = 0
             self.first_step: int | None = None
@@ -150,6 +151,7 @@ def _events_callback(metrics_path: Path, started: float):
             if "eval_loss" in logs:
                 record = {"step": state.global_step, "eval_loss": logs["eval_loss"]}
                 self.eval_losses.append(float(logs["eval_loss"]))
+                self.eval_steps.append(state.global_step)
                 with open(metrics_path, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
                 events.info("train.eval", **record)
@@ -294,6 +296,21 @@ def _checkpoint_callback(plan: CheckpointPlan, stop: StopRequest, metrics_path: 
     return Checkpointing()
 
 
+def _final_evaluation_callback():
+    from transformers import TrainerCallback
+
+    class FinalEvaluation(TrainerCallback):
+        """The final model is evaluated in the last step, inside the training loop, where every tracker still has
+        its run open: evaluated after training, MLflow opened a second run for it and TensorBoard a writer in a
+        folder that is not published."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_evaluate = True
+
+    return FinalEvaluation()
+
+
 def _restore_metrics(resume_from: Path, metrics_path: Path, callback) -> None:
     """Carry the interrupted attempt's metrics up to the checkpoint, so the run's record has every step once."""
     saved = resume_from / "metrics.jsonl"
@@ -306,6 +323,7 @@ def _restore_metrics(resume_from: Path, metrics_path: Path, callback) -> None:
             callback.losses.append(float(record["loss"]))
         if "eval_loss" in record:
             callback.eval_losses.append(float(record["eval_loss"]))
+            callback.eval_steps.append(record["step"])
 
 
 def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, info: dict, *,
@@ -328,6 +346,8 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
     resume_from = checkpoints.resume_from if checkpoints else None
     if checkpoints:
         callbacks.append(_checkpoint_callback(checkpoints, stop, metrics_path))
+    if eval_dataset is not None:
+        callbacks.append(_final_evaluation_callback())
     if resume_from:
         _restore_metrics(resume_from, metrics_path, callback)
     if logging_dir:
@@ -369,9 +389,8 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
         # A signal after the last step's end (in a final evaluation, say) finds no step left to checkpoint after.
         saved = "its checkpoint is saved" if stop.saved_step == step else "a rerun resumes from the newest checkpoint"
         raise Preempted(f"stopped by SIGTERM after step {step}; {saved}", hint="run again with the same run id to resume")
-    evaluated_last_step = callback.eval_losses and training.eval_every and trainer.state.global_step % training.eval_every == 0
-    if eval_dataset is not None and not evaluated_last_step:
-        trainer.evaluate()  # the manifest's eval loss is the final model's
+    if finished and eval_dataset is not None and resumed_step not in callback.eval_steps:
+        trainer.evaluate()  # no training loop ran to evaluate the final model in
     seconds = time.monotonic() - started
     losses = callback.losses
     tps = sorted(callback.tps)
