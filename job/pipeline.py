@@ -100,8 +100,7 @@ def run(spec: Spec, paths: Paths, stop: train.StopRequest | None = None, process
         raise
     except Exception as exc:
         error = _out_of_memory_outside_training(exc, current["stage"]) or exc
-        if process.is_main:
-            _record_failure(store, spec.run_id, error, current["stage"])
+        _record_failure(store, spec.run_id, error, current["stage"], process)
         if error is exc:
             raise
         raise error from exc
@@ -197,7 +196,9 @@ def _join_process_group(process: Process, cuda: bool) -> None:
     dist.init_process_group(backend="nccl" if cuda else "gloo")
 
 
-def _record_failure(store, run_id: str, exc: Exception, stage_name: str) -> None:
+def _record_failure(store, run_id: str, exc: Exception, stage_name: str, process: Process) -> None:
+    """The attempt's first failure, from whichever rank it happened on: under torchrun the others usually fail
+    because of it (a collective that lost its peer), and their records would hide the cause."""
     error = exc if isinstance(exc, JobError) else None
     record = {
         "status": "failed",
@@ -206,8 +207,11 @@ def _record_failure(store, run_id: str, exc: Exception, stage_name: str) -> None
         "exit_code": error.exit_code if error else 1,
         "stage": stage_name,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **({"rank": process.rank} if process.world_size > 1 else {}),
     }
     try:
+        if process.world_size > 1 and store.exists(f"{run_id}/{FAILURE}"):
+            return  # rank 0 cleared the last attempt's record at the start: this one is this attempt's
         store.put_bytes(f"{run_id}/{FAILURE}", json.dumps(record, indent=2).encode())
     except Exception:  # noqa: BLE001 - the original error matters more than its record
         log.get().warning("run.failure_not_recorded", run_id=run_id)

@@ -1,7 +1,7 @@
 """The runs under an output location, read from what each run left there.
 
 OUTPUT/RUN_ID/manifest.json               complete (publish writes it last)
-OUTPUT/RUN_ID/failure.json                failed: {"status": "failed", "error", "message", "exit_code", "stage", "time"}
+OUTPUT/RUN_ID/failure.json                failed: {"status": "failed", "error", "message", "exit_code", "stage", "time", "rank" (torchrun)}
 OUTPUT/RUN_ID/checkpoints/step-N/checkpoint.json   incomplete: checkpoints only (each record written last)
 
 A manifest wins over a failure record (a retried run that then published is complete), and a failure record over

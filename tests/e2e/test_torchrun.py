@@ -107,3 +107,20 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_the_run_re
     assert losses(second) and [e["step"] for e in second if e["event"] == "train.step"] == list(range(stopped_at + 1, 9))
     manifest = json.loads((output / "smoke" / "manifest.json").read_text())
     assert manifest["training"]["world_size"] == 2 and manifest["training"]["resumed_from_step"] == stopped_at
+
+
+def test_a_failure_on_one_rank_ends_the_run_and_its_own_record_says_where(tmp_path):
+    output, work = tmp_path / "runs", tmp_path / "work"
+    (work / "smoke").mkdir(parents=True)
+    (work / "smoke" / "rank-1").write_text("a file where rank 1's work folder goes")  # rank 1 alone cannot start
+    args = [sys.executable, "-m", "job.cli", "run", "--spec", str(REPO / "examples" / "smoke.yaml"),
+            "--set", f"run.output={output}", "--set", "training.batch_size=2"]
+    for item in COMMON:
+        args += ["--set", item]
+    env = {**os.environ, "JOB_NPROC": "2", "JOB_WORK_DIR": str(work), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # rank 1's code: a bug (an unexpected exception)
+    failure = json.loads((output / "smoke" / "failure.json").read_text())
+    assert (failure["rank"], failure["error"], failure["exit_code"]) == (1, "bug", 1), failure
+    assert "rank-1" in failure["message"]
+    assert not (output / "smoke" / "manifest.json").exists()
