@@ -145,8 +145,14 @@ def _read_local(path: Path) -> list[Any]:
         raise DataError(f"data.source: directory {path} holds no {', '.join(SUPPORTED)} files")
     rows: list[Any] = []
     for file in files:
-        rows.extend(_read_file(file))
+        _extend_from(rows, _read_file(file), str(file))
     return rows
+
+
+def _extend_from(rows: list[Any], part: list[Any], shown: str) -> None:
+    """Rows of several files are numbered on across them, in sorted order; this event says which file holds which."""
+    log.get().info("data.file.read", file=shown, first_row=len(rows) + 1, rows=len(part))
+    rows.extend(part)
 
 
 def _read_s3(uri: str, work_dir: Path, s3: S3Settings) -> list[Any]:
@@ -159,7 +165,7 @@ def _read_s3(uri: str, work_dir: Path, s3: S3Settings) -> list[Any]:
         raise NotFoundError(f"data.source: no {', '.join(SUPPORTED)} objects under {uri}")
     rows: list[Any] = []
     for key in keys:
-        rows.extend(_read_file(_download(store, key, work_dir), f"{store.uri}/{key}"))
+        _extend_from(rows, _read_file(_download(store, key, work_dir), f"{store.uri}/{key}"), f"{store.uri}/{key}")
     return rows
 
 

@@ -1,9 +1,10 @@
 import csv
+import io
 import json
 
 import pytest
 
-from job import data
+from job import data, log
 from job.chat_templates import ALPACA_PREAMBLE
 from job.errors import DataError
 from job.spec import DataSection
@@ -72,8 +73,14 @@ def test_directory_source_reads_every_file(tmp_path, smoke_tokenizer):
     folder.mkdir()
     write(folder / "a.jsonl", [ROWS["alpaca"]] * 2)
     write(folder / "b.parquet", [ROWS["alpaca"]] * 3)
+    events = io.StringIO()
+    log.setup(stream=events, json_logs=True)
     _, stats, _ = data.prepare(DataSection(source=str(folder)), smoke_tokenizer, 256, tmp_path, S3Settings())
     assert stats["rows_read"] == 5
+    # rows are numbered on across the files: the events say which rows each file holds
+    parts = [(e["file"], e["first_row"], e["rows"]) for e in map(json.loads, events.getvalue().splitlines())
+             if e["event"] == "data.file.read"]
+    assert parts == [(str(folder / "a.jsonl"), 1, 2), (str(folder / "b.parquet"), 3, 3)]
 
 
 def test_s3_prefix_source(tmp_path, smoke_tokenizer, s3_env, bucket):
