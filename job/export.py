@@ -8,6 +8,7 @@ from pathlib import Path
 
 from job import llamacpp, log
 from job.model import read_config
+from job.errors import SpecError
 from job.spec import ExportSection, ModelSection
 
 
@@ -53,6 +54,16 @@ def merge(base_path: Path, adapter_dir: Path, out_dir: Path, model: ModelSection
     method = f"adapter merged into the 16-bit base ({str(work_dtype).removeprefix('torch.')} math, saved as {str(save_dtype).removeprefix('torch.')})"
     log.get().info("export.merged.saved", path=str(merged_dir), method=method)
     return merged_dir, method
+
+
+def check_convertible(tools: llamacpp.Tools, config: dict) -> None:
+    """Refuse, before anything trains, a model whose architecture the pinned converter cannot turn into a GGUF."""
+    architecture = (config.get("architectures") or [None])[0]
+    if architecture and architecture not in llamacpp.text_architectures(tools):
+        raise SpecError(f"export.gguf: llama.cpp's converter (commit {tools.commit[:12]}) cannot convert the "
+                        f"architecture {architecture!r} of model.name",
+                        hint="set export.gguf: [] (the adapter and merged weights are still published), or train a "
+                             "model llama.cpp supports")
 
 
 def to_gguf(tools: llamacpp.Tools, merged_dir: Path, out_dir: Path, types: list[str], stem: str) -> dict[str, Path]:

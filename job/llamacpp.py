@@ -6,6 +6,7 @@ into a cache with docker/build-llama-cpp.sh. Nothing is cloned or compiled while
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -51,6 +52,19 @@ def locate(home: Path) -> Tools:
     commit_file = home / "COMMIT"
     tools.commit = commit_file.read_text().strip() if commit_file.exists() else "unknown"
     return tools
+
+
+def text_architectures(tools: Tools) -> set[str]:
+    """The Hugging Face architectures (config.json `architectures`) the pinned converter turns into a text GGUF:
+    its own table, read in a child process so the converter's package never enters ours."""
+    code = "import json; from conversion import TEXT_MODEL_MAP; print(json.dumps(sorted(TEXT_MODEL_MAP)))"
+    env = dict(os.environ, PYTHONPATH=f"{tools.home}{os.pathsep}{tools.home / 'gguf-py'}")
+    try:
+        proc = _run([sys.executable, "-c", code], "reading the converter's architectures", env=env, timeout=300)
+    except VerificationError as exc:
+        raise ToolMissingError(f"the llama.cpp converter in {tools.home} does not load: {exc}",
+                               hint=f"build the tools again: bash docker/build-llama-cpp.sh {tools.home}") from exc
+    return set(json.loads(proc.stdout))
 
 
 def cpu_threads(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:

@@ -260,6 +260,8 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
     with stage("fetch_model", timings), _current(current, "fetch_model"):
         fetched = model.fetch(spec.model, paths.cache_dir, s3)
         model.check(fetched, spec.model, spec.training.max_seq_length)
+        if tools:
+            export.check_convertible(tools, model.read_config(fetched.path))
         tokenizer = model.load_tokenizer(fetched.path, spec.model.trust_remote_code)
 
     with stage("load_data", timings), _current(current, "load_data"):
