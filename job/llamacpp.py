@@ -103,8 +103,9 @@ def quantize(tools: Tools, source: Path, target: Path, qtype: str, threads: int)
     _run([str(tools.quantize), str(source), str(target), qtype.upper(), str(threads)], f"llama-quantize {qtype}")
 
 
-def complete(tools: Tools, gguf: Path, prompt: str, max_tokens: int, threads: int) -> str:
-    """Greedy completion of an already templated prompt; returns only the generated text."""
+def complete(tools: Tools, gguf: Path, prompt: str, max_tokens: int, threads: int) -> tuple[str, bool]:
+    """Greedy completion of an already templated prompt: the generated text, and whether it ended with an
+    end-of-generation token (else it ran into max_tokens)."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as fh:
         fh.write(prompt)
         prompt_file = fh.name
@@ -118,4 +119,4 @@ def complete(tools: Tools, gguf: Path, prompt: str, max_tokens: int, threads: in
     finally:
         os.unlink(prompt_file)
     text = proc.stdout.strip()
-    return text.removesuffix(END_MARKER).rstrip()
+    return text.removesuffix(END_MARKER).rstrip(), text.endswith(END_MARKER)

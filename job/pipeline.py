@@ -310,10 +310,8 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
             if not process.is_main:
                 return None
         backend.for_inference(peft_model)
-        report = verify.ProbeReport(spec.export.probes)
-        report.base, report.adapter = verify.answer_with_adapter(
-            peft_model, tokenizer, spec.export.probes, spec.export.probe_max_new_tokens
-        )
+        report = verify.ProbeReport(spec.export.probes, max_new_tokens=spec.export.probe_max_new_tokens)
+        verify.answer_with_adapter(peft_model, tokenizer, report)
 
     with stage("export", timings), _current(current, "export"):
         exported = export.Exported(adapter_dir=export.save_adapter(peft_model, tokenizer, staging))
@@ -333,10 +331,12 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
     with stage("verify", timings), _current(current, "verify"):
         if exported.merged_dir:
             probes, limit, trust = spec.export.probes, spec.export.probe_max_new_tokens, spec.model.trust_remote_code
-            report.adapter_on_16bit_base = verify.answer_with_checkpoint(fetched.path, probes, limit, trust, exported.adapter_dir)
-            report.merged = verify.answer_with_checkpoint(exported.merged_dir, probes, limit, trust)
+            report.put("adapter_on_16bit_base", *verify.answer_with_checkpoint(fetched.path, probes, limit, trust,
+                                                                                exported.adapter_dir))
+            report.put("merged", *verify.answer_with_checkpoint(exported.merged_dir, probes, limit, trust))
         for qtype, path in exported.gguf.items():
-            report.gguf[qtype] = verify.answer_with_gguf(tools, path, tokenizer, spec.export.probes, spec.export.probe_max_new_tokens)
+            report.put(f"gguf_{qtype}", *verify.answer_with_gguf(tools, path, tokenizer, spec.export.probes,
+                                                                   spec.export.probe_max_new_tokens))
         verify.check(report, tokenizer)
 
     with stage("publish", timings), _current(current, "publish"):

@@ -218,7 +218,9 @@ def describe(run: Run) -> str:
                      + "".join(f"\n    FAILED {c.get('artifact')}: {c.get('gate')} ({c.get('prompt')})" for c in failed))
     for probe in manifest.get("probes") or []:
         lines.append(f"  Q: {probe.get('prompt')}")
-        lines += [f"    {key}: {value}" for key, value in probe.items() if key != "prompt"]
+        lines += [f"    {key}: {value}" for key, value in probe.items() if key not in ("prompt", "stopped")]
+        if unended := [name for name, ended in (probe.get("stopped") or {}).items() if not ended]:
+            lines.append(f"    (no EOS within the token limit: {', '.join(unended)})")
     return "\n".join(lines)
 
 

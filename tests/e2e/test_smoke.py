@@ -32,6 +32,9 @@ def check_manifest(manifest, read_file):
     assert NAME not in probe["base"]  # the base model did not know the name...
     assert NAME in probe["adapter"] and NAME in probe["merged"]  # ...the trained one does
     assert NAME in probe["gguf_q8_0"]  # and so does llama.cpp on the q8_0 file
+    # EOS was learned, and llama.cpp knows it: every trained artifact ends its answers before the token limit
+    for row in manifest["probes"]:
+        assert all(row["stopped"][name] for name in ("adapter", "merged", "gguf_q8_0", "gguf_q4_k_m")), row
     assert all(check["passed"] for check in manifest["checks"])
     train = manifest["training"]
     assert train["final_loss"] < train["first_loss"] / 3
