@@ -73,12 +73,12 @@ FAILURE = "failure.json"
 
 
 def training_fingerprint(spec: Spec) -> str:
-    """What a checkpoint depends on: a changed export, checkpoint cadence or number of collating processes may resume
-    it, a changed model may not."""
+    """What a checkpoint depends on: a changed export, checkpoint cadence, number of collating processes or gradient
+    checkpointing (it trades memory for recomputation; the math is the same) may resume it, a changed model may not."""
     # Fields left at their defaults are left out, so a newer job with new fields still resumes an older checkpoint.
     body = spec.model_dump(mode="json", include={"model", "lora", "data", "training"}, exclude={"model": {"token"}},
                            exclude_defaults=True)
-    for field in ("checkpoint_every", "checkpoint_every_minutes", "dataloader_workers"):
+    for field in ("checkpoint_every", "checkpoint_every_minutes", "dataloader_workers", "gradient_checkpointing"):
         body.get("training", {}).pop(field, None)
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -154,6 +154,18 @@ def resolve_auto(spec: Spec, config: dict, dataset, device, backend_name: str) -
                 "precision": choice.precision, "auto": auto, "reason": choice.reason,
                 "predicted": {"peak_gib": round(choice.memory.total, 2), "tokens_per_second": round(choice.tokens_per_second)}}
     log.get().info("train.auto_resolved", **resolved)
+    return resolved
+
+
+def _resumed_settings(resume, spec: Spec) -> dict | None:
+    """The settings the checkpoint was trained with; gradient checkpointing as the spec now sets it, when it sets it:
+    a run resumed on a card with less memory may turn it on without starting again."""
+    resolved = resume.record.get("resolved")
+    wanted = spec.training.gradient_checkpointing
+    if resolved and wanted != "auto" and resolved.get("gradient_checkpointing") != wanted:
+        log.get().info("train.resume_changed", field="training.gradient_checkpointing",
+                       was=resolved.get("gradient_checkpointing"), now=wanted)
+        resolved = {**resolved, "gradient_checkpointing": wanted}
     return resolved
 
 
@@ -282,7 +294,7 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
 
     with stage("train", timings), _current(current, "train"):
         # `auto` fields resolved once; a resumed run keeps what its checkpoint was trained with.
-        resolved = resume.record.get("resolved") if resume else None
+        resolved = _resumed_settings(resume, spec) if resume else None
         resolved = resolved or _on_rank_0(process, lambda: resolve_auto(
             spec, model.read_config(fetched.path), dataset, _device(torch), backend_name))
         model_section = spec.model.model_copy(update={"precision": resolved["precision"]})

@@ -447,8 +447,9 @@ def _out_of_memory(step: int, training: TrainingSection, info: dict, resumed: bo
     hint = "; ".join(remedies)
     if "batch_size" in (info.get("resolved") or {}).get("auto", []):
         hint = f"batch_size auto chose {training.batch_size} from job's memory estimate, which was too low here: {hint}"
-    if resumed:  # the checkpoint resumes only the settings that wrote it
-        hint += "; this run resumed a checkpoint, so changed settings need a new run.id"
+    if resumed:  # the checkpoint resumes only the settings that wrote it, gradient checkpointing aside
+        hint += ("; this run resumed a checkpoint: gradient_checkpointing: true resumes it, other changes need a new "
+                 "run.id")
     return GpuOutOfMemory(message, step=step, hint=hint)
 
 

@@ -203,3 +203,24 @@ def test_sigterm_in_the_last_step_resumes_to_the_end_without_a_step_past_it(tmp_
     manifest = json.loads((output / "smoke" / "manifest.json").read_text())
     assert manifest["training"]["steps"] == STEPS and manifest["training"]["resumed_from_step"] == STEPS
     assert_same_adapter(adapter_tensors(output / "smoke"), want)
+
+
+def test_a_resumed_run_may_turn_gradient_checkpointing_on_and_ends_with_the_same_adapter(tmp_path, uninterrupted):
+    """A run preempted on one card and resumed on another with less memory: checkpointing trades memory for
+    recomputation, not the math, so the checkpoint resumes with it turned on."""
+    want, _ = uninterrupted
+    output = tmp_path / "runs"
+    proc = start(tmp_path, str(output), extra=("training.gradient_checkpointing=false",))
+    seen = events_until(proc, 2)
+    proc.send_signal(signal.SIGTERM)
+    code, first, stderr = finish(proc, seen)
+    assert code == 76, stderr[-3000:]
+
+    code, second, stderr = finish(start(tmp_path, str(output), extra=("training.gradient_checkpointing=true",)), [])
+    assert code == 0, stderr[-3000:]
+    changed = next(e for e in second if e["event"] == "train.resume_changed")
+    assert (changed["field"], changed["was"], changed["now"]) == ("training.gradient_checkpointing", False, True)
+    assert next(e for e in second if e["event"] == "train.resuming")["step"] == steps_trained(first)[-1]
+    manifest = json.loads((output / "smoke" / "manifest.json").read_text())
+    assert manifest["training"]["resolved"]["gradient_checkpointing"] is True
+    assert_same_adapter(adapter_tensors(output / "smoke"), want)
