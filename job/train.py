@@ -432,8 +432,8 @@ def _out_of_memory(step: int, training: TrainingSection, info: dict, resumed: bo
 
     used = ""
     if torch.cuda.is_available():
-        peak, total = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
-        used = f"; {peak:.1f} of {total:.1f} GiB allocated at the peak"
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        used = f"; {torch.cuda.max_memory_allocated() / 2**30:.1f} of {total / 2**30:.1f} GiB allocated at the peak"
     message = (f"the GPU ran out of memory in optimizer step {step + 1} (training.batch_size {training.batch_size} x "
                f"max_seq_length {training.max_seq_length}, gradient_checkpointing {training.gradient_checkpointing}, "
                f"precision {info.get('precision', 'n/a')}{used})")
