@@ -182,13 +182,15 @@ def _on_rank_0(process: Process, decide):
     if process.is_main:
         try:
             box[0] = {"value": decide()}
-        except JobError as exc:
-            failure, box[0] = exc, {"error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - re-raised below, once the other ranks know not to wait
+            failure, box[0] = exc, {"error": str(exc), "user": isinstance(exc, JobError)}
     dist.broadcast_object_list(box, src=0)
     if failure:
         raise failure
     if "error" in box[0]:
-        raise SpecError(box[0]["error"], where="rank 0")
+        if box[0]["user"]:
+            raise SpecError(box[0]["error"], where="rank 0")
+        raise RuntimeError(f"rank 0 failed: {box[0]['error']}")
     return box[0]["value"]
 
 
