@@ -165,7 +165,8 @@ def _read_s3(uri: str, work_dir: Path, s3: S3Settings) -> list[Any]:
         raise NotFoundError(f"data.source: no {', '.join(SUPPORTED)} objects under {uri}")
     rows: list[Any] = []
     for key in keys:
-        _extend_from(rows, _read_file(_download(store, key, work_dir), f"{store.uri}/{key}"), f"{store.uri}/{key}")
+        shown = f"{store.uri}/{key}"
+        _extend_from(rows, _read_file(_download(store, key, work_dir), shown), shown)
     return rows
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from job import llamacpp, log
-from job.model import read_config
 from job.errors import SpecError
+from job.model import read_config
 from job.spec import ExportSection, ModelSection
 
 

@@ -354,8 +354,6 @@ class S3Storage:
 
 def classify(exc: BaseException, what: str) -> NotFoundError | TransientError | SpecError | None:
     """Our error kind for a storage failure, or None for anything else (a bug, a local file problem)."""
-    import http.client
-
     import urllib3
     from boto3.exceptions import RetriesExceededError, S3UploadFailedError
     from botocore import exceptions as boto

@@ -143,11 +143,11 @@ def same_start(tokenizer, expected: str, actual: str, n: int) -> bool:
     return a == b
 
 
-def _ends_like_pytorch(report: ProbeReport, tokenizer, i: int, qtype: str, reference: str) -> list[str]:
+def _ends_like_pytorch(report: ProbeReport, tokenizer, i: int, qtype: str, reference_name: str) -> list[str]:
     """A GGUF that never ends an answer PyTorch ends early (a wrong EOS/EOT id in its metadata) rambles on in
     llama.cpp and Ollama. Gated only where PyTorch stopped within half the budget: near the budget, an answer a
     few tokens longer would run into it for no fault of the file."""
-    reference_name = "merged" if report.merged else "adapter"
+    reference = getattr(report, reference_name)[i]
     reference_stopped = report.stopped.get(reference_name, [False] * len(report.probes))[i]
     short = len(tokenizer.encode(reference, add_special_tokens=False)) <= report.max_new_tokens // 2
     if not (reference_stopped and short):
@@ -174,7 +174,8 @@ def check(report: ProbeReport, tokenizer) -> None:
             if not ok:
                 failures.append(f"merged weights answer {probe!r} with {report.merged[i]!r}, the adapter on the same base with {expected!r}")
         for qtype, answers in report.gguf.items():
-            reference = report.merged[i] if report.merged else report.adapter[i]
+            reference_name = "merged" if report.merged else "adapter"
+            reference = getattr(report, reference_name)[i]
             if not answers[i].strip():
                 report.checks.append({"artifact": f"gguf_{qtype}", "prompt": probe, "gate": "produces text", "passed": False})
                 failures.append(f"GGUF {qtype} produced no text for {probe!r}")
@@ -184,7 +185,7 @@ def check(report: ProbeReport, tokenizer) -> None:
                 report.checks.append({"artifact": f"gguf_{qtype}", "prompt": probe, "gate": f"first {GGUF_MATCH_TOKENS} tokens match PyTorch", "passed": ok})
                 if not ok:
                     failures.append(f"GGUF {qtype} answers {probe!r} with {answers[i]!r}, PyTorch with {reference!r}")
-                failures += _ends_like_pytorch(report, tokenizer, i, qtype, reference)
+                failures += _ends_like_pytorch(report, tokenizer, i, qtype, reference_name)
             else:
                 report.checks.append({"artifact": f"gguf_{qtype}", "prompt": probe, "gate": "produces text (recorded, not gated)", "passed": True})
     for row in report.checks:

@@ -136,6 +136,14 @@ def test_storage_errors_keep_their_kind(status, code, kind):
     assert classify(error, "s3://b/k").kind == kind
 
 
+def test_a_request_botocore_refuses_before_sending_is_a_spec_error():
+    from botocore.exceptions import ParamValidationError
+
+    from job.storage import classify
+
+    assert classify(ParamValidationError(report="Invalid bucket name \"a b\""), "s3://a b/k").kind == "spec"
+
+
 def test_http_reads_retry_only_what_a_retry_can_mend(tmp_path):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
