@@ -8,7 +8,7 @@ set -uo pipefail
 out=${1:?usage: auto_vs_sweep.sh OUT.jsonl}
 models=${MODELS:-/tmp/bench-models}
 [ -d "$models/8b" ] || python bench/train_throughput.py make-model --shape 8b --dir "$models/8b"
-MODEL=$models/8b PRECISION=auto NPROC=1 STEPS=${STEPS:-20} bash bench/scaling_rows.sh "$out"
+MODEL=$models/8b PRECISION=auto NPROC=1 STEPS=${STEPS:-20} LIMIT=${AUTO_LIMIT:-540} bash bench/scaling_rows.sh "$out"
 # precision:checkpointing:batches
 for point in ${SWEEP:-16bit:0:4,8,12 4bit:0:4,8 4bit:1:8,16}; do
   IFS=: read -r precision ckpt batches <<< "$point"

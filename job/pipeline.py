@@ -145,7 +145,6 @@ def resolve_auto(spec: Spec, config: dict, dataset, device, backend_name: str) -
     card = plan.gpu_for_device(name, free_gib, capability)
     longest = max(map(len, dataset["input_ids"]))
     lookup = spec.model_copy(update={"training": training.model_copy(update={"backend": backend_name})})
-    # auto never picks fp8 (plan.AUTO_PRECISIONS): ask for it by name.
     choice = plan.choose_for_spec(lookup, arch, card, longest=longest, rows=len(dataset))
     if not choice.fits:
         raise SpecError(f"{', '.join(auto)}: no configuration fits this GPU: {choice.reason}",

@@ -77,8 +77,9 @@ class ModelSection(Section):
     precision: Literal["auto", "4bit", "16bit", "fp8"] = Field(
         "auto",
         description="Base weights while training: 4bit (QLoRA, CUDA only), 16bit, or fp8 (unsloth, compute capability "
-        ">= 9.0 only). auto: on CUDA the faster of 4bit and 16bit that fits the card's free memory (job plan's "
-        "estimate; never fp8), recorded in the manifest with the reason; 16bit on CPU.",
+        ">= 9.0 only). auto: on CUDA the fastest that fits the card's free memory (job plan's estimate; fp8 only "
+        "with the unsloth backend on compute capability >= 9.0 and without gradient checkpointing), recorded in the "
+        "manifest with the reason; 16bit on CPU.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute dtype. auto: bfloat16 on CUDA cards that have it, float32 on CPU."
