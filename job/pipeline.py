@@ -156,15 +156,26 @@ def resolve_auto(spec: Spec, config: dict, dataset, device, backend_name: str) -
     return resolved
 
 
-def _resumed_settings(resume, spec: Spec) -> dict | None:
-    """The settings the checkpoint was trained with; gradient checkpointing as the spec now sets it, when it sets it:
-    a run resumed on a card with less memory may turn it on without starting again."""
+def _resumed_settings(resume, spec: Spec, backend_name: str, capability: tuple[int, int] | None) -> dict | None:
+    """The settings the checkpoint was trained with, with two changes that let a preempted run go on elsewhere:
+    gradient checkpointing as the spec now sets it, when it sets it (a card with less memory may turn it on), and a
+    16-bit base where `auto` chose fp8 and this card has none (a spot run rescheduled from an H100 to an A100). The
+    adapter does not depend on the base's storage format; the merged weights come from the 16-bit base anyway."""
     resolved = resume.record.get("resolved")
+    if not resolved:
+        return resolved
     wanted = spec.training.gradient_checkpointing
-    if resolved and wanted != "auto" and resolved.get("gradient_checkpointing") != wanted:
+    if wanted != "auto" and resolved.get("gradient_checkpointing") != wanted:
         log.get().info("train.resume_changed", field="training.gradient_checkpointing",
                        was=resolved.get("gradient_checkpointing"), now=wanted)
         resolved = {**resolved, "gradient_checkpointing": wanted}
+    if resolved.get("precision") == "fp8" and spec.model.precision == "auto":
+        try:
+            backends.check_precision("fp8", backend_name, capability)
+        except SpecError as exc:
+            log.get().info("train.resume_changed", field="model.precision", was="fp8", now="16bit",
+                           reason=str(exc))
+            resolved = {**resolved, "precision": "16bit"}
     return resolved
 
 
@@ -295,7 +306,7 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
 
     with stage("train", timings), _current(current, "train"):
         # `auto` fields resolved once; a resumed run keeps what its checkpoint was trained with.
-        resolved = _resumed_settings(resume, spec) if resume else None
+        resolved = _resumed_settings(resume, spec, backend_name, capability) if resume else None
         resolved = resolved or _on_rank_0(process, lambda: resolve_auto(
             spec, model.read_config(fetched.path), dataset, _device(torch), backend_name))
         model_section = spec.model.model_copy(update={"precision": resolved["precision"]})
