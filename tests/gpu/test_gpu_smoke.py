@@ -19,7 +19,8 @@ def test_unsloth_smoke_learns_the_identity(tmp_path):
     out = tmp_path / "runs"
     proc = subprocess.run(
         [sys.executable, "-m", "job.cli", "run", "--spec", str(REPO / "examples" / "smoke.yaml"),
-         "--set", "training.backend=unsloth", "--set", f"model.name={model}", "--set", f"export.gguf={gguf}",
+         # QLoRA by name: `auto` would pick the 16-bit base for this small model on a large card
+         "--set", "training.backend=unsloth", "--set", "model.precision=4bit", "--set", f"model.name={model}", "--set", f"export.gguf={gguf}",
          "--set", f"run.output={out}"],
         cwd=tmp_path, env={**os.environ, "JOB_WORK_DIR": str(tmp_path / "work")}, capture_output=True, text=True, timeout=1500,
     )
