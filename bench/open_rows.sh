@@ -10,9 +10,12 @@
 #   PART=d: the 16-bit and fp8 rows of job vs bare in one call (8B, batch 8, no checkpointing), each process's bare
 #           loop first from the same LoRA initialisation and data, so their loss curves compare the two precisions.
 #   PART=hf: transformers+peft+bitsandbytes at 8B.
+#   PART=e: the open 1B question (docs/benchmarks.md, "1B: job vs bare is not settled"): four processes, each the bare
+#           loop then one trainer variant (a variant that runs second in a process is 20-30% slower, so never two),
+#           alternating job's default with `noautocast` (the forward without bf16 autocast, the bare loop's way).
 # Usage (GPU host, stack on PYTHONPATH): PART=a bash bench/open_rows.sh OUT.jsonl; PART=b TOKENIZER_DIR=… bash …
 set -uo pipefail
-out=${1:?usage: PART=a|b|c|d|hf open_rows.sh OUT.jsonl}
+out=${1:?usage: PART=a|b|c|d|e|hf open_rows.sh OUT.jsonl}
 models=${MODELS:-/tmp/bench-models}
 for shape in 1b 8b; do
   [ -d "$models/$shape" ] || python bench/train_throughput.py make-model --shape "$shape" --dir "$models/$shape"
@@ -22,7 +25,7 @@ row() {  # SHAPE LIMIT ARGS...
   timeout "$limit" python bench/train_throughput.py run --model-dir "$models/$shape" --shape "$shape" --seq 2048 \
     --steps 12 --warmup 3 --out "$out" "$@" || echo "{\"failed\": \"$shape $*\", \"exit\": $?}" >> "$out"
 }
-case "${PART:?set PART=a, b, c, d or hf}" in
+case "${PART:?set PART=a, b, c, d, e or hf}" in
   a)
     for order in bare,default,inline bare,inline,default; do row 1b 120 --impl job --compare "$order"; done
     row 8b 150 --impl job --compare bare,inline,default ;;
@@ -35,4 +38,6 @@ case "${PART:?set PART=a, b, c, d or hf}" in
     row 8b 300 --impl job --precision fp8 --checkpointing 0 --batch 8 --compare bare,default ;;
   hf)
     row 8b 150 --impl hf ;;
+  e)
+    for variant in default noautocast default noautocast; do row 1b 130 --impl job --compare "bare,$variant"; done ;;
 esac
