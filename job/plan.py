@@ -60,7 +60,8 @@ REFERENCE_GPU = "h100-sxm"  # the card the constants were fitted on
 FP8_MIN_CAPABILITY = (9, 0)  # spec: model.precision fp8 needs compute capability >= 9.0
 # `precision: auto` picks fp8 only without gradient checkpointing: with unsloth's checkpointing every decoder layer is
 # compiled twice, and on the 8B shape the first step had not come after 3 minutes (docs/benchmarks.md). Named in the
-# spec (`precision: fp8`), fp8 with checkpointing is still allowed.
+# spec (`precision: fp8`), fp8 with checkpointing is still allowed. Nor for a model with a projection that fp8 cannot
+# hold (Arch.fp8_compatible): that weight would stay bf16 and need more memory than predicted.
 PRECISION_ORDER = ("16bit", "fp8", "4bit")  # ties in speed go to the more precise base
 
 
@@ -96,6 +97,12 @@ class Arch:
         h, i, e = self.hidden_size, self.intermediate_size, self.num_experts
         return {"q_proj": (h, self.q_dim, 1), "k_proj": (h, self.kv_dim, 1), "v_proj": (h, self.kv_dim, 1),
                 "o_proj": (self.q_dim, h, 1), "gate_proj": (h, i, e), "up_proj": (h, i, e), "down_proj": (i, h, e)}
+
+    @property
+    def fp8_compatible(self) -> bool:
+        """Every projection can be stored in fp8: torchao's `_scaled_mm` needs both dimensions to be multiples of 16,
+        and it silently leaves any other weight in bf16 (torchao 0.18, quantization/utils.py `_fp8_mm_compat`)."""
+        return all(fan_in % 16 == 0 and fan_out % 16 == 0 for fan_in, fan_out, _ in self.projections().values())
 
     def linear_params(self, active: bool = False) -> int:
         """Parameters of the decoder layers' projections (what 4-bit/fp8 quantizes); `active`: those one token uses."""
@@ -456,7 +463,7 @@ def choose(
     candidates = []
     for p in precision_options:
         for ckpt in checkpointing_options:
-            if p == "fp8" and ckpt and precision == "auto":
+            if p == "fp8" and precision == "auto" and (ckpt or not arch.fp8_compatible):
                 continue  # see the note at FP8_MIN_CAPABILITY
             for b in batches:
                 common = dict(precision=p, lora_r=lora_r, target_modules=target_modules, batch_size=b, seq_len=seq_len,

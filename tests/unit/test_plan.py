@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -144,7 +145,7 @@ def test_choose_never_picks_a_configuration_predicted_over_memory():
             # and it is the fastest that fits, give or take the 2% tie band that prefers the more precise base
             for precision in plan.supported_precisions(card, backend):
                 for ckpt in (False, True):
-                    if precision == "fp8" and ckpt:
+                    if precision == "fp8" and (ckpt or not arch.fp8_compatible):
                         continue  # auto never picks fp8 with checkpointing (the note at plan.FP8_MIN_CAPABILITY)
                     for batch in plan.BATCH_CANDIDATES:
                         kw = dict(precision=precision, lora_r=16, target_modules=ALL_SEVEN, batch_size=batch, seq_len=seq,
@@ -281,3 +282,14 @@ def test_run_time_lookup_of_the_card_and_the_spec_choice():
     choice = plan.choose_for_spec(spec, plan.arch_from_table("llama-3.2-1b"), h100, longest=900, rows=3)
     assert choice.fits and choice.precision == "4bit" and choice.batch_size <= 4
     assert choice.memory.peak_allocated < plan.choose_for_spec(spec, plan.arch_from_table("llama-3.2-1b"), h100).memory.peak_allocated
+
+
+def test_auto_leaves_fp8_out_for_a_model_whose_projections_fp8_cannot_hold():
+    llama = plan.arch_from_table("llama-3.1-8b")
+    odd = dataclasses.replace(llama, intermediate_size=14_344)  # not a multiple of 16: torchao keeps it in bf16
+    h100 = plan.gpu("h100-sxm")
+    common = dict(lora_r=16, target_modules=ALL_SEVEN, seq_len=2048, gradient_checkpointing=False)
+    assert llama.fp8_compatible and not odd.fp8_compatible
+    assert plan.choose(llama, h100, **common).precision == "fp8"
+    assert plan.choose(odd, h100, **common).precision != "fp8"
+    assert plan.choose(odd, h100, precision="fp8", **common).precision == "fp8"  # named, it is the user's call
