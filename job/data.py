@@ -35,6 +35,34 @@ class Example:
     completion: str | None = None
 
 
+class Rows(list):
+    """Parsed rows, numbered from 1 on across the files of a directory or S3 prefix (in sorted order); `files` holds
+    (first row, file) for each file, so an error about row 1,234 can name the file and the row inside it."""
+
+    def __init__(self, rows=(), files: tuple[tuple[int, str], ...] = ()):
+        super().__init__(rows)
+        self.files = files
+
+
+def where(files: tuple[tuple[int, str], ...], row: int) -> str:
+    """"row N", and for a source of several files also which file holds it and its row there."""
+    return f"row {row}{_in_file(files, row)}"
+
+
+def where_rows(files: tuple[tuple[int, str], ...], rows: list[int]) -> str:
+    """"rows [1, 2]", and for a source of several files each row's file and its row there."""
+    if len(files) < 2:
+        return f"rows {rows}"
+    return "rows " + ", ".join(f"{row}{_in_file(files, row)}" for row in rows)
+
+
+def _in_file(files: tuple[tuple[int, str], ...], row: int) -> str:
+    if len(files) < 2:
+        return ""
+    first, shown = max((start for start in files if start[0] <= row), default=files[0])
+    return f" ({shown}, row {row - first + 1})"
+
+
 @dataclass
 class Normalized:
     format: str
@@ -42,6 +70,10 @@ class Normalized:
     rows_read: int
     dropped: Counter = field(default_factory=Counter)
     dropped_rows: dict[str, list[int]] = field(default_factory=dict)
+    files: tuple[tuple[int, str], ...] = ()  # Rows.files of the source
+
+    def where(self, row: int) -> str:
+        return where(self.files, row)
 
 
 @dataclass
@@ -143,15 +175,16 @@ def _read_local(path: Path) -> list[Any]:
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
     if not files:
         raise DataError(f"data.source: directory {path} holds no {', '.join(SUPPORTED)} files")
-    rows: list[Any] = []
+    rows = Rows()
     for file in files:
         _extend_from(rows, _read_file(file), str(file))
     return rows
 
 
-def _extend_from(rows: list[Any], part: list[Any], shown: str) -> None:
+def _extend_from(rows: Rows, part: list[Any], shown: str) -> None:
     """Rows of several files are numbered on across them, in sorted order; this event says which file holds which."""
     log.get().info("data.file.read", file=shown, first_row=len(rows) + 1, rows=len(part))
+    rows.files = (*rows.files, (len(rows) + 1, shown))
     rows.extend(part)
 
 
@@ -163,7 +196,7 @@ def _read_s3(uri: str, work_dir: Path, s3: S3Settings) -> list[Any]:
     keys = [k for k in store.list() if k.lower().endswith(SUPPORTED)]
     if not keys:
         raise NotFoundError(f"data.source: no {', '.join(SUPPORTED)} objects under {uri}")
-    rows: list[Any] = []
+    rows = Rows()
     for key in keys:
         shown = f"{store.uri}/{key}"
         _extend_from(rows, _read_file(_download(store, key, work_dir), shown), shown)
@@ -331,9 +364,10 @@ def normalize(rows: list[Any], data: DataSection, template_name: str) -> Normali
     if data.system_prompt and fmt in ("text", "prompt_completion"):
         raise DataError(f"data.system_prompt: format '{fmt}' has no conversation to put a system message in",
                         hint="use it with alpaca, sharegpt or messages rows, or remove it")
+    files = rows.files if isinstance(rows, Rows) else ()
     if data.max_rows:
         rows = rows[: data.max_rows]
-    result = Normalized(format=fmt, examples=[], rows_read=len(rows))
+    result = Normalized(format=fmt, examples=[], rows_read=len(rows), files=files)
     for number, row in enumerate(rows, start=1):
         try:
             example = normalize_row(row, fmt, template_name == "alpaca")
@@ -345,7 +379,7 @@ def normalize(rows: list[Any], data: DataSection, template_name: str) -> Normali
             result.dropped[reason] += 1
             result.dropped_rows.setdefault(reason, []).append(number)
     if not result.examples:
-        first = ", ".join(f"{reason} (rows {rows_[:5]})" for reason, rows_ in result.dropped_rows.items())
+        first = ", ".join(f"{reason} ({where_rows(result.files, rows_[:5])})" for reason, rows_ in result.dropped_rows.items())
         raise DataError(
             f"data.source: no usable rows as format '{fmt}' out of {len(rows)} read" + (f": {first}" if first else ""),
             hint=_format_hint(rows, data.format, fmt),
@@ -386,7 +420,7 @@ def _render(tokenizer, messages, add_generation_prompt=False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _segments_for_chat(tokenizer, messages, row: int) -> tuple[str, list[tuple[int, int]]]:
+def _segments_for_chat(tokenizer, messages, row: str) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant turn (with its end-of-turn marker)."""
     full = _render(tokenizer, messages)
     spans = []
@@ -397,18 +431,18 @@ def _segments_for_chat(tokenizer, messages, row: int) -> tuple[str, list[tuple[i
         through = _render(tokenizer, messages[: i + 1])
         if message["content"].strip() and message["content"].strip() not in through:
             raise DataError(
-                f"row {row}: data.chat_template: the chat template drops the assistant's text (turn {i + 1}) "
+                f"{row}: data.chat_template: the chat template drops the assistant's text (turn {i + 1}) "
                 "when it renders the conversation, so that turn cannot be trained",
                 hint="use a template that renders assistant messages: set data.chat_template: chatml (or llama-3, alpaca)",
             )
         if not full.startswith(before) or not full.startswith(through) or len(through) <= len(before):
             raise DataError(
-                f"row {row}: the chat template does not render turn {i + 1} as a stable prefix of the conversation",
+                f"{row}: the chat template does not render turn {i + 1} as a stable prefix of the conversation",
                 hint="use a template that renders earlier turns unchanged, or data.chat_template: chatml",
             )
         if message["content"].strip() and message["content"].strip() not in through[len(before):]:
             raise DataError(
-                f"row {row}: the chat template drops the assistant turn's text",
+                f"{row}: the chat template drops the assistant turn's text",
                 hint="the template must render assistant messages; set data.chat_template to a named template",
             )
         spans.append((len(before), len(through)))
@@ -424,7 +458,8 @@ def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     return ids, offsets
 
 
-def tokenize_example(tokenizer, example: Example, row: int, responses_only: bool) -> tuple[list[int], list[int]]:
+def tokenize_example(tokenizer, example: Example, row: str, responses_only: bool) -> tuple[list[int], list[int]]:
+    """`row` names the row in errors ("row 12", or with its file: Normalized.where)."""
     if example.messages is not None:
         text, spans = _segments_for_chat(tokenizer, example.messages, row)
     elif example.text is not None:
@@ -472,12 +507,12 @@ class TokenizedRow:
 MAX_CHARS_PER_TOKEN = 64
 
 
-def _refuse_huge(example: Example, row: int, max_seq_length: int) -> None:
+def _refuse_huge(example: Example, row: str, max_seq_length: int) -> None:
     parts = [m["content"] for m in example.messages or []] + [example.text or "", example.prompt or "", example.completion or ""]
     chars = sum(len(part) for part in parts)
     if chars > max_seq_length * MAX_CHARS_PER_TOKEN:
         raise DataError(
-            f"row {row}: {chars:,} characters, many times what training.max_seq_length={max_seq_length} tokens can hold",
+            f"{row}: {chars:,} characters, many times what training.max_seq_length={max_seq_length} tokens can hold",
             hint="split long documents into several rows, remove the row, or raise training.max_seq_length",
         )
 
@@ -485,8 +520,8 @@ def _refuse_huge(example: Example, row: int, max_seq_length: int) -> None:
 def tokenize_rows(tokenizer, normalized: Normalized, max_seq_length: int, responses_only: bool):
     """Yield every normalized row tokenized and truncated, including rows left with no trained token."""
     for row, example in normalized.examples:
-        _refuse_huge(example, row, max_seq_length)
-        ids, labels = tokenize_example(tokenizer, example, row, responses_only)
+        _refuse_huge(example, normalized.where(row), max_seq_length)
+        ids, labels = tokenize_example(tokenizer, example, normalized.where(row), responses_only)
         yield TokenizedRow(row, ids[:max_seq_length], labels[:max_seq_length], len(ids))
 
 
@@ -507,7 +542,8 @@ def tokenize(tokenizer, normalized: Normalized, max_seq_length: int, responses_o
     if not out.input_ids:
         raise DataError(
             f"data: every row lost all its trained tokens to truncation at training.max_seq_length={max_seq_length} "
-            f"(rows {emptied[:5]}{' …' if len(emptied) > 5 else ''}: the answer starts beyond that length)",
+            f"({where_rows(normalized.files, emptied[:5])}{' …' if len(emptied) > 5 else ''}: the answer starts beyond "
+            "that length)",
             hint="raise training.max_seq_length or shorten the prompts",
         )
     return out

@@ -83,6 +83,20 @@ def test_directory_source_reads_every_file(tmp_path, smoke_tokenizer):
     assert parts == [(str(folder / "a.jsonl"), 1, 2), (str(folder / "b.parquet"), 3, 3)]
 
 
+def test_an_error_about_a_row_of_a_directory_names_its_file_and_its_row_there(tmp_path, smoke_tokenizer):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    write(folder / "a.jsonl", [ROWS["alpaca"]] * 2)
+    write(folder / "b.jsonl", [ROWS["alpaca"], {**ROWS["alpaca"], "output": "x" * 256 * data.MAX_CHARS_PER_TOKEN}])
+    with pytest.raises(DataError, match=rf"row 4 \({folder / 'b.jsonl'}, row 2\): .* characters"):
+        data.prepare(DataSection(source=str(folder)), smoke_tokenizer, 256, tmp_path, S3Settings())
+    # no usable row at all: each row named the same way
+    write(folder / "a.jsonl", [{"instruction": "x"}])
+    write(folder / "b.jsonl", [{"instruction": "y"}])
+    with pytest.raises(DataError, match=rf"rows 1 \({folder / 'a.jsonl'}, row 1\), 2 \({folder / 'b.jsonl'}, row 1\)"):
+        data.prepare(DataSection(source=str(folder), format="alpaca"), smoke_tokenizer, 256, tmp_path, S3Settings())
+
+
 def test_s3_prefix_source(tmp_path, smoke_tokenizer, s3_env, bucket):
     import boto3
 
