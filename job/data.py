@@ -44,25 +44,6 @@ class Rows(list):
         self.files = files
 
 
-def where(files: tuple[tuple[int, str], ...], row: int) -> str:
-    """"row N", and for a source of several files also which file holds it and its row there."""
-    return f"row {row}{_in_file(files, row)}"
-
-
-def where_rows(files: tuple[tuple[int, str], ...], rows: list[int]) -> str:
-    """"rows [1, 2]", and for a source of several files each row's file and its row there."""
-    if len(files) < 2:
-        return f"rows {rows}"
-    return "rows " + ", ".join(f"{row}{_in_file(files, row)}" for row in rows)
-
-
-def _in_file(files: tuple[tuple[int, str], ...], row: int) -> str:
-    if len(files) < 2:
-        return ""
-    first, shown = max((start for start in files if start[0] <= row), default=files[0])
-    return f" ({shown}, row {row - first + 1})"
-
-
 @dataclass
 class Normalized:
     format: str
@@ -73,7 +54,20 @@ class Normalized:
     files: tuple[tuple[int, str], ...] = ()  # Rows.files of the source
 
     def where(self, row: int) -> str:
-        return where(self.files, row)
+        """"row N", and for a source of several files also which file holds it and its row there."""
+        return f"row {row}{self._in_file(row)}"
+
+    def where_rows(self, rows: list[int]) -> str:
+        """"rows [1, 2]", and for a source of several files each row's file and its row there."""
+        if len(self.files) < 2:
+            return f"rows {rows}"
+        return "rows " + ", ".join(f"{row}{self._in_file(row)}" for row in rows)
+
+    def _in_file(self, row: int) -> str:
+        if len(self.files) < 2:
+            return ""
+        first, shown = max(start for start in self.files if start[0] <= row)
+        return f" ({shown}, row {row - first + 1})"
 
 
 @dataclass
@@ -379,7 +373,7 @@ def normalize(rows: list[Any], data: DataSection, template_name: str) -> Normali
             result.dropped[reason] += 1
             result.dropped_rows.setdefault(reason, []).append(number)
     if not result.examples:
-        first = ", ".join(f"{reason} ({where_rows(result.files, rows_[:5])})" for reason, rows_ in result.dropped_rows.items())
+        first = ", ".join(f"{reason} ({result.where_rows(rows_[:5])})" for reason, rows_ in result.dropped_rows.items())
         raise DataError(
             f"data.source: no usable rows as format '{fmt}' out of {len(rows)} read" + (f": {first}" if first else ""),
             hint=_format_hint(rows, data.format, fmt),
@@ -542,7 +536,7 @@ def tokenize(tokenizer, normalized: Normalized, max_seq_length: int, responses_o
     if not out.input_ids:
         raise DataError(
             f"data: every row lost all its trained tokens to truncation at training.max_seq_length={max_seq_length} "
-            f"({where_rows(normalized.files, emptied[:5])}{' …' if len(emptied) > 5 else ''}: the answer starts beyond "
+            f"({normalized.where_rows(emptied[:5])}{' …' if len(emptied) > 5 else ''}: the answer starts beyond "
             "that length)",
             hint="raise training.max_seq_length or shorten the prompts",
         )

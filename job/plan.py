@@ -439,14 +439,14 @@ def choose(
     optim: str = "adamw_8bit",
     headroom: float = 0.10,
     max_batch_size: int | None = None,
-    precisions: tuple[Precision, ...] | None = None,
 ) -> Choice:
     """The fastest configuration predicted to fit in `gpu.memory_gib` with `headroom` (a fraction of the card)
     left free. Fixed (non-auto) arguments are kept as given. When nothing fits, the smallest configuration is
     returned with fits=False, so callers can refuse it with the predicted numbers in hand.
 
-    `max_batch_size` caps auto batch sizes (no point in a micro-batch larger than the dataset); `precisions`
-    narrows what precision auto may pick (default: all the card and backend support).
+    `max_batch_size` caps auto batch sizes (no point in a micro-batch larger than the dataset). `precision: auto`
+    tries every precision the card and backend support (`supported_precisions`), less fp8 where the note at
+    FP8_MIN_CAPABILITY says.
     """
     if precision == "fp8" and not gpu.supports_fp8:
         memory = estimate_memory(arch, precision="16bit", lora_r=lora_r, target_modules=target_modules,
@@ -458,7 +458,7 @@ def choose(
     batches = [batch_size] if batch_size != "auto" else [
         b for b in BATCH_CANDIDATES if max_batch_size is None or b <= max(1, max_batch_size)]
     checkpointing_options = [gradient_checkpointing] if gradient_checkpointing != "auto" else [False, True]
-    precision_options = [precision] if precision != "auto" else list(precisions or supported_precisions(gpu, backend))
+    precision_options = [precision] if precision != "auto" else list(supported_precisions(gpu, backend))
     limit = gpu.memory_gib * (1 - headroom)
     candidates = []
     for p in precision_options:
@@ -712,8 +712,7 @@ def spec_backend(spec) -> Backend:
 
 
 def choose_for_spec(spec, arch: Arch, card: Gpu, *, longest: int | None = None, rows: int | None = None,
-                    headroom: float = 0.10, all_auto: bool = False,
-                    precisions: tuple[Precision, ...] | None = None) -> Choice:
+                    headroom: float = 0.10, all_auto: bool = False) -> Choice:
     """`choose` with the spec's own fields: what `job run` resolves `auto` to on `card`. `longest` is the longest
     tokenized row (default: training.max_seq_length), `rows` the dataset's row count (caps the batch size);
     `all_auto` ignores the spec's fixed batch size, checkpointing and precision."""
@@ -724,7 +723,7 @@ def choose_for_spec(spec, arch: Arch, card: Gpu, *, longest: int | None = None, 
                                      precision=spec.model.precision)
     return choose(arch, card, lora_r=spec.lora.r, target_modules=tuple(spec.lora.target_modules), seq_len=seq_len,
                   backend=spec_backend(spec), optim=training.optim, headroom=headroom, max_batch_size=rows,
-                  precisions=precisions, **fixed)
+                  **fixed)
 
 
 def plan_kind(spec, arch: Arch, tokens: DataTokens, card: Gpu, prices: dict[str, Any], headroom: float = 0.10) -> KindPlan:

@@ -36,7 +36,7 @@ def test_on_cpu_auto_means_small_settings_that_always_work():
 def test_on_an_h100_auto_picks_the_fastest_fitting_configuration_fp8_without_checkpointing():
     got = resolve_auto(spec(batch_size="auto", gradient_checkpointing="auto"), LLAMA_8B, rows(), H100, "unsloth")
     assert set(got["auto"]) == {"batch_size", "gradient_checkpointing", "precision"}
-    # measured on the H200: fp8 without checkpointing is the fastest configuration of the 8B shape (docs/benchmarks.md)
+    # the planner's fastest for the 8B shape, as measured on the H200 (docs/benchmarks.md, session 6)
     assert (got["precision"], got["gradient_checkpointing"]) == ("fp8", False)
     assert got["predicted"]["peak_gib"] <= 0.9 * H100[1]
     assert got["batch_size"] >= 2  # an 80 GB card holds more than the smallest batch of an 8B model

@@ -146,7 +146,7 @@ def test_choose_never_picks_a_configuration_predicted_over_memory():
             for precision in plan.supported_precisions(card, backend):
                 for ckpt in (False, True):
                     if precision == "fp8" and (ckpt or not arch.fp8_compatible):
-                        continue  # auto never picks fp8 with checkpointing (the note at plan.FP8_MIN_CAPABILITY)
+                        continue  # auto's fp8 exclusions: the note at plan.FP8_MIN_CAPABILITY
                     for batch in plan.BATCH_CANDIDATES:
                         kw = dict(precision=precision, lora_r=16, target_modules=ALL_SEVEN, batch_size=batch, seq_len=seq,
                                   checkpointing=ckpt, backend=backend)
