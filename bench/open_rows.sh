@@ -10,22 +10,27 @@
 #   PART=d: the 16-bit and fp8 rows of job vs bare in one call (8B, batch 8, no checkpointing), each process's bare
 #           loop first from the same LoRA initialisation and data, so their loss curves compare the two precisions.
 #   PART=hf: transformers+peft+bitsandbytes at 8B.
-#   PART=e: the open 1B question (docs/benchmarks.md, "1B: job vs bare is not settled"): four processes, each the bare
-#           loop then one trainer variant (a variant that runs second in a process is 20-30% slower, so never two),
-#           alternating job's default with `noautocast` (the forward without bf16 autocast, the bare loop's way).
+#   PART=e: the open 1B question (docs/benchmarks.md, "1B: job vs bare is not settled"): five processes, each the bare
+#           loop then job's trainer (a variant that runs second in a process is 20-30% slower, so never two), 32
+#           measured steps each (the host-bound step's median moves over 9); VARIANTS="default noautocast …" to vary.
+#   PART=f: 1B, one measurement per process (unsloth warns that a bare run before trainer.train() poisons its compile
+#           cache, which it then resets): bare unsloth and job's path alternating, at batch 8 (bound by the GPU) and
+#           batch 2 (bound by the host).
+#   PART=g: after f (job's path 11-22% slower at 1B batch 2, with more host time in the forward and backward): one
+#           process each, twice: bare unsloth, job's default, job without bf16 autocast (`noautocast`, the bare
+#           loop's numerics: unsloth keeps the LoRA weights in float32 and casts inside its kernels), at 1B batch 2.
+#   PART=h: the same three at 8B batch 2 (session 4 saw noautocast 13% slower there, from log lines only).
 # Usage (GPU host, stack on PYTHONPATH): PART=a bash bench/open_rows.sh OUT.jsonl; PART=b TOKENIZER_DIR=… bash …
 set -uo pipefail
-out=${1:?usage: PART=a|b|c|d|e|hf open_rows.sh OUT.jsonl}
+out=${1:?usage: PART=a|b|c|d|e|f|g|h|hf open_rows.sh OUT.jsonl}
 models=${MODELS:-/tmp/bench-models}
-for shape in 1b 8b; do
-  [ -d "$models/$shape" ] || python bench/train_throughput.py make-model --shape "$shape" --dir "$models/$shape"
-done
-row() {  # SHAPE LIMIT ARGS...
+row() {  # SHAPE LIMIT ARGS...  (later --steps/--warmup override the defaults here)
   local shape=$1 limit=$2; shift 2
+  [ -d "$models/$shape" ] || python bench/train_throughput.py make-model --shape "$shape" --dir "$models/$shape"
   timeout "$limit" python bench/train_throughput.py run --model-dir "$models/$shape" --shape "$shape" --seq 2048 \
     --steps 12 --warmup 3 --out "$out" "$@" || echo "{\"failed\": \"$shape $*\", \"exit\": $?}" >> "$out"
 }
-case "${PART:?set PART=a, b, c, d, e or hf}" in
+case "${PART:?set PART=a … h or hf}" in
   a)
     for order in bare,default,inline bare,inline,default; do row 1b 120 --impl job --compare "$order"; done
     row 8b 150 --impl job --compare bare,inline,default ;;
@@ -38,6 +43,23 @@ case "${PART:?set PART=a, b, c, d, e or hf}" in
     row 8b 300 --impl job --precision fp8 --checkpointing 0 --batch 8 --compare bare,default ;;
   hf)
     row 8b 150 --impl hf ;;
+  f)
+    for batch in 8 2 8 2; do
+      row 1b 130 --steps 40 --warmup 8 --impl unsloth --batch "$batch"
+      row 1b 130 --steps 40 --warmup 8 --impl job --batch "$batch"
+    done ;;
+  g)
+    for _ in 1 2; do
+      row 1b 130 --steps 40 --warmup 8 --impl unsloth
+      row 1b 130 --steps 40 --warmup 8 --impl job --variant default
+      row 1b 130 --steps 40 --warmup 8 --impl job --variant noautocast
+    done ;;
+  h)
+    row 8b 170 --impl unsloth
+    row 8b 170 --impl job --variant default
+    row 8b 170 --impl job --variant noautocast ;;
   e)
-    for variant in default noautocast default noautocast; do row 1b 130 --impl job --compare "bare,$variant"; done ;;
+    for variant in ${VARIANTS:-default default default default default}; do
+      row 1b 115 --steps 40 --warmup 8 --impl job --compare "bare,$variant"
+    done ;;
 esac

@@ -321,7 +321,7 @@ def run(args):
             continue
         median = statistics.median(rates)
         yield {**row,
-            "tokens_per_second": round(median, 1),
+            "tokens_per_second": round(median, 1), "step_rates": [round(r) for r in rates],
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda() else None,
             "time_to_first_step_s": round(first, 1) if first else None, "steps_measured": len(rates),
             "mfu": round(4 * n * median / ceiling, 4) if ceiling else None,

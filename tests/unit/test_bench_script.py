@@ -31,6 +31,7 @@ def test_the_bench_runs_its_compare_sweep_and_profile_modes_on_the_cpu(tmp_path)
     assert [(r["batch"], r["variant"]) for r in got] == [(b, v) for v in variants for b in (1, 2)]
     for row in got:
         assert row["tokens_per_second"] > 0 and row["steps_measured"] >= 1, row
+        assert len(row["step_rates"]) == row["steps_measured"] and min(row["step_rates"]) > 0, row
         # one loss a step; log5 logs (and so records) one every 5 steps
         assert len(row["losses"]) == (2 if row["variant"] == "log5" else 6) and min(row["losses"]) > 0, row
         assert row["profiled_steps"] == 3 and row["profiled_wall_s"] > 0
