@@ -153,11 +153,15 @@ def test_http_reads_retry_only_what_a_retry_can_mend(tmp_path):
 
     class Answer(BaseHTTPRequestHandler):
         def do_GET(self):
-            status = int(self.path.strip("/"))
+            if self.path == "/hang-up":  # the connection closed before any answer
+                self.close_connection = True
+                return
+            status, promised = (200, "10") if self.path == "/cut-short" else (int(self.path.strip("/")), "2")
             self.send_response(status)
-            self.send_header("Content-Length", "2")
+            self.send_header("Content-Length", promised)  # /cut-short: the body ends 8 bytes early
             self.end_headers()
             self.wfile.write(b"ok")
+            self.close_connection = True
 
         def log_message(self, *args):
             pass
@@ -173,8 +177,15 @@ def test_http_reads_retry_only_what_a_retry_can_mend(tmp_path):
         for status in (401, 403, 404):
             with pytest.raises(NotFoundError, match=f"HTTP {status}"):
                 read_uri(f"{base}/{status}")
+        # a dropped connection, a body cut short: the network's trouble, worth the retry an orchestrator makes
+        for path in ("hang-up", "cut-short"):
+            with pytest.raises(TransientError, match=f"{base}/{path}"):
+                read_uri(f"{base}/{path}")
     finally:
         server.shutdown()
+        server.server_close()
+    with pytest.raises(TransientError, match="refused"):  # nobody listens there any more
+        read_uri(f"{base}/200")
 
 
 def test_local_keys_cannot_escape_the_output(tmp_path):
