@@ -5,7 +5,8 @@
 | 0    | published                                                      | -                           |
 | 1    | a bug: unexpected exception, traceback kept                    | counted against backoff     |
 | 2    | invalid spec, data or usage: the user must change something   | FailJob                     |
-|      | (also: the spec's configuration does not fit the GPU's memory) |                             |
+|      | (also: the configuration does not fit the GPU's memory, or the |                             |
+|      | container's memory or disk)                                    |                             |
 | 3    | a model, dataset or bucket is missing or access is denied      | FailJob                     |
 | 4    | an artifact failed verification                                | FailJob                     |
 | 75   | transient infrastructure (network, throttling)                 | retried                     |
@@ -25,7 +26,8 @@ EXIT_PREEMPTED = 76
 EXIT_CODES = {
     EXIT_OK: "published",
     EXIT_BUG: "bug (unexpected exception)",
-    EXIT_USER: "invalid spec, data or usage; a configuration that does not fit the GPU's memory",
+    EXIT_USER: "invalid spec, data or usage; a configuration that does not fit the GPU's memory, or the container's "
+               "memory or disk",
     EXIT_NOT_FOUND: "model, dataset or bucket missing or denied",
     EXIT_VERIFICATION: "artifact failed verification",
     EXIT_TRANSIENT: "transient infrastructure error; retry",
@@ -112,6 +114,14 @@ class Interrupted(BaseException):
     """SIGTERM outside the training loop (loading, exporting, publishing): nothing to checkpoint; a rerun resumes.
     A BaseException, like KeyboardInterrupt, so that no retry loop or error wrapper on its way up takes it for an
     ordinary failure and carries on while the pod's grace period runs out. The CLI exits 75."""
+
+
+class OutOfResources(JobError):
+    """The container's memory or disk ran out (a llama.cpp tool killed by the kernel, a write that found no space).
+    The same pod would run out again: the user gives it more (exit 2), not a retry."""
+
+    exit_code = EXIT_USER
+    kind = "out_of_resources"
 
 
 class ToolMissingError(JobError):

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.errors import ToolMissingError, VerificationError
+from job.errors import JobError, OutOfResources, ToolMissingError, VerificationError
 
 PINNED_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 SOURCE = "llama-cpp-python==0.3.36 sdist (vendor/llama.cpp)"
@@ -88,9 +89,22 @@ def _run(cmd: list[str], what: str, env: dict | None = None, timeout: int = 3 * 
     except subprocess.TimeoutExpired as exc:
         raise VerificationError(f"{what} did not finish within {timeout} s") from exc
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout)[-2000:]
-        raise VerificationError(f"{what} failed with exit code {proc.returncode}: {tail}")
+        raise _failure(what, proc.returncode, (proc.stderr or proc.stdout)[-2000:])
     return proc
+
+
+def _failure(what: str, returncode: int, tail: str) -> JobError:
+    """What a failed llama.cpp tool means for the user: the pod's memory or disk, or the artifact itself."""
+    if returncode == -signal.SIGKILL:
+        # A SIGKILL nobody sent by hand is the kernel's out-of-memory killer at the container's memory limit:
+        # the converter and llama-quantize hold whole tensors of the merged model in host memory.
+        return OutOfResources(f"{what} was killed (SIGKILL), most likely at the container's memory limit",
+                              hint="give the container more memory (resources.limits.memory on Kubernetes)")
+    if "no space left on device" in tail.lower():
+        return OutOfResources(f"{what} ran out of disk space: {tail}",
+                              hint="give the scratch volume more space: it holds the merged 16-bit weights (2 bytes "
+                                   "a parameter) and each GGUF file")
+    return VerificationError(f"{what} failed with exit code {returncode}: {tail}")
 
 
 def convert(tools: Tools, checkpoint: Path, out_file: Path, outtype: str = "bf16") -> None:
