@@ -310,7 +310,10 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
         resolved = resolved or _on_rank_0(process, lambda: resolve_auto(
             spec, model.read_config(fetched.path), dataset, _device(torch), backend_name))
         model_section = spec.model.model_copy(update={"precision": resolved["precision"]})
-        training = spec.training.model_copy(update={k: resolved[k] for k in ("batch_size", "gradient_checkpointing")})
+        # gradient_accumulation_steps is in the record only where a resumed run's batch was halved to fit its card
+        training = spec.training.model_copy(update={k: resolved[k] for k in
+                                                    ("batch_size", "gradient_checkpointing", "gradient_accumulation_steps")
+                                                    if k in resolved})
         peft_model, _, info = backend.load_for_training(fetched.path, model_section, spec.lora, training)
         info["world_size"] = process.world_size  # the batch size is per process; tokens/s counts every process
         info["resolved"] = resolved
@@ -324,8 +327,9 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
         if resume:
             events.info("train.resuming", step=resume.step, checkpoint=f"{store.uri}/{resume.key}")
         tensorboard_dir = staging / "tensorboard" if "tensorboard" in spec.logging.report_to else None
-        # An auto batch size that runs out of memory in the first step is halved and retried: the estimate erred.
-        may_halve = not resume and process.world_size == 1 and "batch_size" in resolved["auto"]
+        # An auto batch size that runs out of memory in the first step of this attempt is halved and retried (the
+        # estimate erred, or a resumed run landed on a smaller card); a resumed run keeps its global batch.
+        may_halve = process.world_size == 1 and "batch_size" in resolved["auto"]
         result = train.run_fitting(
             peft_model, tokenizer, dataset, training, work, info, may_halve=may_halve, checkpoints=plan, stop=stop,
             eval_dataset=eval_dataset, report_to=spec.logging.report_to, logging_dir=tensorboard_dir)

@@ -455,21 +455,37 @@ def _out_of_memory(step: int, training: TrainingSection, info: dict, resumed: bo
 
 def run_fitting(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, info: dict, *, may_halve: bool,
                 **kwargs) -> TrainResult:
-    """`run`, halving the batch size while the first optimizer step runs out of GPU memory, when `may_halve`: the
-    pipeline allows it for a batch size that `auto` chose, in a single process that resumed nothing. Only the
-    first step is retried: no weight has changed yet, so the retry trains exactly as if it had chosen the smaller
-    batch. The record of the auto choices (info["resolved"]) follows, so checkpoints and the manifest say what ran."""
+    """`run`, halving the batch size while the first optimizer step of this attempt runs out of GPU memory, when
+    `may_halve`: the pipeline allows it for a batch size that `auto` chose, in a single process. Only the first step
+    is retried: no weight has changed since the start (or the checkpoint, which the retry loads again).
+    - A fresh run trains exactly as if auto had chosen the smaller batch.
+    - A resumed run goes on with the checkpoint's optimizer state, learning-rate schedule and place in the data,
+      which belong to its global batch: that is kept, by accumulating the smaller batches (batch 8 becomes 4 x 2).
+      A card with less memory than the one that wrote the checkpoint (a spot run rescheduled to a smaller card,
+      or an fp8 checkpoint going on with the 16-bit base) can still finish the run.
+    The record of the auto choices (info["resolved"]) follows, so checkpoints and the manifest say what ran."""
     events = log.get()
+    checkpoints = kwargs.get("checkpoints")
+    resume_from = checkpoints.resume_from if checkpoints else None
+    first_step = int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else 0
     while True:
         try:
             return run(model, tokenizer, dataset, training, work_dir, info, **kwargs)
         except GpuOutOfMemory as oom:
-            if not (may_halve and oom.step == 0 and training.batch_size > 1):
+            if not (may_halve and oom.step == first_step and training.batch_size > 1):
                 raise
-            smaller = training.batch_size // 2
-            events.warning("train.out_of_memory", step=oom.step + 1, batch_size=training.batch_size, retry_batch_size=smaller)
+            batch, accumulation = training.batch_size, training.gradient_accumulation_steps
+            if resume_from:  # the largest smaller batch that divides this one, so batch x accumulation stays
+                smaller = max(d for d in range(1, batch) if batch % d == 0)
+                accumulation *= batch // smaller
+            else:
+                smaller = batch // 2
+            events.warning("train.out_of_memory", step=oom.step + 1, batch_size=batch, retry_batch_size=smaller,
+                           retry_gradient_accumulation_steps=accumulation)
             resolved = info.get("resolved")
             if resolved is not None:
                 resolved["batch_size"] = smaller
-                resolved["reason"] = f"{resolved.get('reason', '')}; halved from {training.batch_size} after running out of memory"
-            training = training.model_copy(update={"batch_size": smaller})
+                if resume_from:
+                    resolved["gradient_accumulation_steps"] = accumulation
+                resolved["reason"] = f"{resolved.get('reason', '')}; halved from {batch} after running out of memory"
+            training = training.model_copy(update={"batch_size": smaller, "gradient_accumulation_steps": accumulation})

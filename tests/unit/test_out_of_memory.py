@@ -26,7 +26,8 @@ def card_with_room_for(model, rows: int, from_call: int = 0):
     return model
 
 
-def train_on(tmp_path, tokenizer, model, *, batch_size, accumulation=1, steps=3, may_halve, resolved=None, name="run"):
+def train_on(tmp_path, tokenizer, model, *, batch_size, accumulation=1, steps=3, may_halve, resolved=None, name="run",
+             checkpoints=None):
     import datasets
 
     from job import train
@@ -39,7 +40,7 @@ def train_on(tmp_path, tokenizer, model, *, batch_size, accumulation=1, steps=3,
     work = tmp_path / name
     work.mkdir()
     info = {"dtype": "float32", "backend": "hf", "precision": "16bit", **({"resolved": resolved} if resolved else {})}
-    result = train.run_fitting(model, tokenizer, data, training, work, info, may_halve=may_halve)
+    result = train.run_fitting(model, tokenizer, data, training, work, info, may_halve=may_halve, checkpoints=checkpoints)
     return [(r["step"], r["tokens"], r["loss"]) for r in map(json.loads, result.metrics_path.read_text().splitlines())]
 
 
@@ -80,3 +81,48 @@ def test_out_of_memory_that_halving_may_not_mend_is_exit_2_with_the_step_and_the
                  batch_size=4, may_halve=True, resolved=resolved, name="later")
     assert later.value.step == 2 and "optimizer step 3" in str(later.value)
     assert "auto chose 4" in later.value.hint and resolved["batch_size"] == 4
+
+
+def test_a_resumed_auto_batch_that_runs_out_of_memory_keeps_the_global_batch_and_trains_on_as_it_would(
+        tmp_path, smoke_tokenizer):
+    """A spot run rescheduled onto a card with less memory (or an fp8 checkpoint going on with the 16-bit base)."""
+    import shutil
+
+    from job.train import CheckpointPlan
+
+    saved = tmp_path / "saved"
+    whole = train_on(tmp_path, smoke_tokenizer, tiny_lora_model(len(smoke_tokenizer)), batch_size=4, steps=4,
+                     may_halve=False, name="whole", checkpoints=CheckpointPlan(
+                         every_steps=2, every_minutes=None, save=lambda folder, step: shutil.copytree(folder, saved / folder.name)))
+    assert (saved / "checkpoint-2").is_dir()
+
+    resolved = {"batch_size": 4, "auto": ["batch_size"], "reason": "predicted"}
+    resumed = train_on(tmp_path, smoke_tokenizer, card_with_room_for(tiny_lora_model(len(smoke_tokenizer)), 2),
+                       batch_size=4, steps=4, may_halve=True, resolved=resolved, name="resumed", checkpoints=CheckpointPlan(
+                           every_steps=None, every_minutes=None, save=lambda folder, step: None,
+                           resume_from=saved / "checkpoint-2"))
+
+    # what later checkpoints record, so a third attempt goes on with 2 x 2 as well
+    assert resolved["batch_size"] == 2 and resolved["gradient_accumulation_steps"] == 2
+    assert resolved["reason"].endswith("halved from 4 after running out of memory")
+    assert [step for step, _, _ in resumed] == [1, 2, 3, 4] and resumed[:2] == whole[:2]
+    # steps 3 and 4 at 2 rows x 2 micro-batches: the same rows and the same global batch as 4 x 1, so the same losses
+    for (_, tokens, loss), (_, tokens_resumed, loss_resumed) in zip(whole[2:], resumed[2:]):
+        assert tokens_resumed == tokens and loss_resumed == pytest.approx(loss, rel=1e-4)
+
+
+def test_a_resumed_batch_the_spec_fixed_is_not_changed_behind_the_users_back(tmp_path, smoke_tokenizer):
+    import shutil
+
+    from job.errors import GpuOutOfMemory
+    from job.train import CheckpointPlan
+
+    saved = tmp_path / "saved"
+    train_on(tmp_path, smoke_tokenizer, tiny_lora_model(len(smoke_tokenizer)), batch_size=4, steps=4, may_halve=False,
+             name="whole", checkpoints=CheckpointPlan(every_steps=2, every_minutes=None,
+                                                      save=lambda folder, step: shutil.copytree(folder, saved / folder.name)))
+    with pytest.raises(GpuOutOfMemory) as refused:
+        train_on(tmp_path, smoke_tokenizer, card_with_room_for(tiny_lora_model(len(smoke_tokenizer)), 2), batch_size=4,
+                 steps=4, may_halve=False, name="resumed", checkpoints=CheckpointPlan(
+                     every_steps=None, every_minutes=None, save=lambda folder, step: None, resume_from=saved / "checkpoint-2"))
+    assert refused.value.step == 2 and "this run resumed a checkpoint" in refused.value.hint
