@@ -360,7 +360,7 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; our callback emits events instead
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    resumed_step = int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else None
+    resumed_step = checkpoint_step(resume_from) if resume_from else None
     events.info("train.started", rows=len(dataset), max_steps=training.max_steps, epochs=training.num_epochs,
                 batch_size=training.batch_size, gradient_accumulation_steps=training.gradient_accumulation_steps,
                 resumed_from_step=resumed_step, **info)
@@ -410,6 +410,11 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
                 final_eval_loss=result.final_eval_loss, seconds=result.seconds,
                 tokens_per_second=result.tokens_per_second, peak_gpu_memory_gib=result.peak_gpu_memory_gib)
     return result
+
+
+def checkpoint_step(checkpoint_dir: Path) -> int:
+    """The step a Trainer checkpoint folder (checkpoint-N) was saved after."""
+    return int(checkpoint_dir.name.rsplit("-", 1)[-1])
 
 
 def _load_adapter(model, checkpoint_dir: Path) -> None:
@@ -467,7 +472,7 @@ def run_fitting(model, tokenizer, dataset, training: TrainingSection, work_dir: 
     events = log.get()
     checkpoints = kwargs.get("checkpoints")
     resume_from = checkpoints.resume_from if checkpoints else None
-    first_step = int(resume_from.name.rsplit("-", 1)[-1]) if resume_from else 0
+    first_step = checkpoint_step(resume_from) if resume_from else 0
     while True:
         try:
             return run(model, tokenizer, dataset, training, work_dir, info, **kwargs)
