@@ -20,9 +20,20 @@
 #           process each, twice: bare unsloth, job's default, job without bf16 autocast (`noautocast`, the bare
 #           loop's numerics: unsloth keeps the LoRA weights in float32 and casts inside its kernels), at 1B batch 2.
 #   PART=h: the same three at 8B batch 2 (session 4 saw noautocast 13% slower there, from log lines only).
+#   PART=p: after g (bare 27,619 and 34,303 tokens/s; job 22,242 and 22,625; noautocast 22,589 and 27,603): the same
+#           three at 1B batch 2, each then 3 steps under torch.profiler (after the measured ones), its table of host
+#           calls and its ops and kernel launches a step written beside OUT: where job's host time goes.
+#   PART=i: after p (job's process: the same ops and kernels as bare, 16% more host CPU, 12.5 ms a step of it in the
+#           collating workers' iterator): bare, job's default (2 collating workers, pinned non-blocking copies) and
+#           `inline` (collation in the training process), one process each, twice in alternating order, profiled.
+#   PART=q: after i (inline slower than the workers; job's host ops 10-40% slower than bare's, same ops): job's default,
+#           job with everything alive before training frozen out of the garbage collector (`gcfreeze`), bare, 1B batch
+#           2; every row carries the collector's time and passes (gc_*).
+#   PART=r: after q: is the 1B batch-2 gap trl's loop or job's? bare, job's default, `trl` (trl's own SFTTrainer with
+#           transformers' data-loading defaults: what unsloth's notebooks run) and `noautocast`, one process each.
 # Usage (GPU host, stack on PYTHONPATH): PART=a bash bench/open_rows.sh OUT.jsonl; PART=b TOKENIZER_DIR=… bash …
 set -uo pipefail
-out=${1:?usage: PART=a|b|c|d|e|f|g|h|hf open_rows.sh OUT.jsonl}
+out=${1:?usage: PART=a|b|c|d|e|f|g|h|i|p|q|r|hf open_rows.sh OUT.jsonl}
 models=${MODELS:-/tmp/bench-models}
 row() {  # SHAPE LIMIT ARGS...  (later --steps/--warmup override the defaults here)
   local shape=$1 limit=$2; shift 2
@@ -30,7 +41,7 @@ row() {  # SHAPE LIMIT ARGS...  (later --steps/--warmup override the defaults he
   timeout "$limit" python bench/train_throughput.py run --model-dir "$models/$shape" --shape "$shape" --seq 2048 \
     --steps 12 --warmup 3 --out "$out" "$@" || echo "{\"failed\": \"$shape $*\", \"exit\": $?}" >> "$out"
 }
-case "${PART:?set PART=a … h or hf}" in
+case "${PART:?set PART=a … i, p, q, r or hf}" in
   a)
     for order in bare,default,inline bare,inline,default; do row 1b 120 --impl job --compare "$order"; done
     row 8b 150 --impl job --compare bare,inline,default ;;
@@ -58,6 +69,26 @@ case "${PART:?set PART=a … h or hf}" in
     row 8b 170 --impl unsloth
     row 8b 170 --impl job --variant default
     row 8b 170 --impl job --variant noautocast ;;
+  p)
+    dir=$(dirname "$out")
+    row 1b 130 --steps 40 --warmup 8 --impl unsloth --profile "$dir/profile-1b-bare.txt"
+    row 1b 130 --steps 40 --warmup 8 --impl job --variant default --profile "$dir/profile-1b-job.txt"
+    row 1b 130 --steps 40 --warmup 8 --impl job --variant noautocast --profile "$dir/profile-1b-noautocast.txt" ;;
+  i)
+    dir=$(dirname "$out")
+    for order in "default inline" "inline default"; do
+      row 1b 130 --steps 40 --warmup 8 --impl unsloth --profile "$dir/profile-i-1b-bare.txt"
+      for variant in $order; do
+        row 1b 130 --steps 40 --warmup 8 --impl job --variant "$variant" --profile "$dir/profile-i-1b-$variant.txt"
+      done
+    done ;;
+  q)
+    row 1b 130 --steps 40 --warmup 8 --impl job --variant default
+    row 1b 130 --steps 40 --warmup 8 --impl job --variant gcfreeze
+    row 1b 130 --steps 40 --warmup 8 --impl unsloth ;;
+  r)
+    row 1b 130 --steps 40 --warmup 8 --impl unsloth
+    for variant in default trl noautocast; do row 1b 130 --steps 40 --warmup 8 --impl job --variant "$variant"; done ;;
   e)
     for variant in ${VARIANTS:-default default default default default}; do
       row 1b 115 --steps 40 --warmup 8 --impl job --compare "bare,$variant"

@@ -166,6 +166,36 @@ class Phases:
         return {f"host_ms_{k}": round(v * 1000 / n, 2) for k, v in self.totals.items()}
 
 
+class GcClock:
+    """Time the interpreter spends in its cyclic garbage collector while measuring, and how many collections of the
+    oldest generation it ran: on a host-bound step the collector's passes over every live object count."""
+
+    def __init__(self):
+        import gc
+
+        self.gc, self.began, self.seconds, self.collections = gc, None, [0.0, 0.0, 0.0], [0, 0, 0]
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self.began = time.perf_counter()
+        elif self.began is not None:
+            self.seconds[info["generation"]] += time.perf_counter() - self.began
+            self.collections[info["generation"]] += 1
+            self.began = None
+
+    def __enter__(self):
+        self.gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.gc.callbacks.remove(self)
+
+    def report(self, steps: int) -> dict:
+        return {"gc_ms_per_step": round(sum(self.seconds) * 1000 / max(steps, 1), 2), "gc_collections": self.collections,
+                "gc_ms_by_generation": [round(s * 1000, 1) for s in self.seconds],
+                "gc_tracked_objects": len(self.gc.get_objects())}
+
+
 class ProfileWindow:
     """torch.profiler over steps [start, start + count), run after the measured steps so its overhead stays out of
     them: how busy the GPU was between the first step's start and
@@ -207,11 +237,16 @@ class ProfileWindow:
         if cur_e is not None:
             busy += cur_e - cur_s
         window_us = (spans[-1][1] - spans[0][0]) if spans else 0
+        averages = self.prof.key_averages()
+        # ops and launches a step: on a host-bound step, two paths with the same kernels but more ops differ here
         self.report = {"profiled_steps": self.count, "profiled_wall_s": round(wall, 4),
-                       "gpu_busy_fraction": round(busy / window_us, 4) if window_us else None}
+                       "gpu_busy_fraction": round(busy / window_us, 4) if window_us else None,
+                       "host_ops_per_step": round(sum(e.count for e in averages if e.device_type != torch.autograd.DeviceType.CUDA) / self.count),
+                       "gpu_kernels_per_step": round(len(spans) / self.count)}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(self.report) + "\n")
-            fh.write(self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
+            fh.write(averages.table(sort_by="self_cpu_time_total", row_limit=40) + "\n")
+            fh.write(averages.table(sort_by="count", row_limit=40) + "\n")
         self.prof = None
 
 
@@ -315,7 +350,8 @@ def run(args):
                "batch": batch, "seq": args.seq, "checkpointing": bool(args.checkpointing),
                "gpu": torch.cuda.get_device_name(0) if cuda() else None}
         try:
-            rates, first, phases, losses = measure(batch, window)
+            with GcClock() as collector:
+                rates, first, phases, losses = measure(batch, window)
         except torch.OutOfMemoryError:
             yield {**row, "out_of_memory": True}
             continue
@@ -326,19 +362,36 @@ def run(args):
             "time_to_first_step_s": round(first, 1) if first else None, "steps_measured": len(rates),
             "mfu": round(4 * n * median / ceiling, 4) if ceiling else None,
             "bf16_matmul_tflops": round(ceiling / 1e12, 1) if ceiling else None, **window.report,
-            **phases.report(), "losses": [round(x, 4) for x in losses],
+            **phases.report(), **collector.report(args.steps + window.count), "losses": [round(x, 4) for x in losses],
         }
+
+
+PLAIN_TRAINER = [False]  # read by time_trainer_phases's trainer class: trl's own SFTTrainer instead of job's
 
 
 def apply_variant(train, variant: str) -> None:
     """Trainer settings to compare against job's own (A/B inside one call); "default" is exactly what job runs."""
+    PLAIN_TRAINER[0] = variant == "trl"
     make = train.__dict__.setdefault("_job_sft_config", train.sft_config)
     train.sft_config = make
+    run = train.run = train.__dict__.setdefault("_job_run", train.run)
     os.environ.pop("UNSLOTH_MIXED_PRECISION", None)
     if variant == "default":
         return
     if variant == "noautocast":  # read when the trainer is made; without it unsloth turns bf16 autocast back on
         os.environ["UNSLOTH_MIXED_PRECISION"] = "bfloat16"
+    if variant == "gcfreeze":  # what is alive before training leaves the collector's generations
+        def frozen_run(*a, **kw):
+            import gc
+
+            gc.collect()
+            gc.freeze()
+            try:
+                return run(*a, **kw)
+            finally:
+                gc.unfreeze()
+        train.run = frozen_run
+        return
 
     def changed(*a, **kw):
         config = make(*a, **kw)
@@ -351,6 +404,11 @@ def apply_variant(train, variant: str) -> None:
             config.bf16 = False
         elif variant == "log5":  # one host read of loss and grad norm every 5 steps instead of every step
             config.logging_steps = 5
+        elif variant == "trl":  # what unsloth's notebooks run: trl's SFTTrainer, transformers' data loading defaults
+            config.dataloader_num_workers = 0
+            config.dataloader_prefetch_factor = None
+            config.dataloader_pin_memory = True
+            config.accelerator_config.non_blocking = False
         else:
             raise SystemExit(f"unknown variant {variant}")
         return config
@@ -373,7 +431,12 @@ def time_trainer_phases(train) -> list:
         setattr(cls, name, wrapper)
 
     def lean():
-        cls = make()
+        if PLAIN_TRAINER[0]:
+            from trl import SFTTrainer
+
+            cls = type("PlainSFTTrainer", (SFTTrainer,), {})  # a subclass, so the timing wrappers leave trl's alone
+        else:
+            cls = make()
         for name, phase in [("get_batch_samples", "next_batch"), ("training_step", "forward_backward"),
                             ("_clip_grad_norm", "clip"), ("_maybe_log_save_evaluate", "log")]:
             timed(cls, name, phase)
@@ -427,7 +490,7 @@ def main() -> None:
     rn.add_argument("--max-grad-norm", type=float, default=1.0, help="bare loops clip like job's trainer; 0: no clipping")
     rn.add_argument("--precision", choices=["4bit", "16bit", "fp8"], default="4bit", help="base weights (unsloth, job)")
     rn.add_argument("--backend", choices=["unsloth", "hf"], default="unsloth", help="job only: the backend it loads with")
-    rn.add_argument("--variant", default="default", help="job only: trainer settings (default, inline, noautocast, log5)")
+    rn.add_argument("--variant", default="default", help="job only: trainer settings (default, inline, noautocast, log5, gcfreeze, trl)")
     rn.add_argument("--compare", default="", help="job only: variants run one after another on the one loaded model, "
                                                    "'bare' for the bare loop on it, e.g. bare,default,inline; 'bare' only "
                                                    "first: after job's trainer has run, unsloth's checkpointing is off "

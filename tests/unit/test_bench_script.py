@@ -21,7 +21,7 @@ def test_the_bench_runs_its_compare_sweep_and_profile_modes_on_the_cpu(tmp_path)
     assert made.returncode == 0, made.stderr[-3000:]
 
     rows, profile = tmp_path / "rows.jsonl", tmp_path / "profile.txt"
-    variants = ["bare", "default", "inline", "noautocast", "log5"]
+    variants = ["bare", "default", "inline", "noautocast", "log5", "gcfreeze", "trl"]
     ran = bench("run", "--impl", "job", "--backend", "hf", "--precision", "16bit", "--shape", "tiny",
                 "--model-dir", str(tmp_path / "tiny"), "--seq", "32", "--batch", "1,2", "--steps", "6", "--warmup", "1",
                 "--compare", ",".join(variants), "--profile", str(profile), "--out", str(rows), cwd=tmp_path)
@@ -35,6 +35,8 @@ def test_the_bench_runs_its_compare_sweep_and_profile_modes_on_the_cpu(tmp_path)
         # one loss a step; log5 logs (and so records) one every 5 steps
         assert len(row["losses"]) == (2 if row["variant"] == "log5" else 6) and min(row["losses"]) > 0, row
         assert row["profiled_steps"] == 3 and row["profiled_wall_s"] > 0
+        assert row["host_ops_per_step"] > 0 and row["gpu_kernels_per_step"] == 0, row  # no GPU: no kernels
+        assert len(row["gc_collections"]) == 3 and row["gc_ms_per_step"] >= 0 and row["gc_tracked_objects"] > 0, row
         phases = {k for k in row if k.startswith("host_ms_")}
         assert "host_ms_forward_backward" in phases and ("host_ms_optimizer" in phases) == (row["variant"] == "bare")
     assert all(r["steps_measured"] == 5 for r in got if r["variant"] != "log5")  # steps 2..6 after 1 warm-up
