@@ -114,6 +114,13 @@ def run(spec_arg: str | None, sets: tuple[str, ...]) -> None:
             argv = (["--spec", spec_arg] if spec_arg else []) + [arg for item in sets for arg in ("--set", item)]
             sys.exit(torchrun(["--standalone", "--nnodes", "1", "--nproc-per-node", str(count), "-m", "job.cli", "run", *argv]))
     process = process_from_env(environ)
+    # trl's trainer reports each run to the Hub (its class, GPU, model type), huggingface_hub then fetches a
+    # registry to describe the caller, and unsloth downloads a statistics repo on each model load (up to 120 s
+    # behind a proxy that drops it): a batch job sends nothing its user did not ask for. HF_HUB_DISABLE_TELEMETRY=0
+    # allows all three. Set before anything imports huggingface_hub or unsloth.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if os.environ["HF_HUB_DISABLE_TELEMETRY"].strip().lower() in ("1", "true", "yes", "on"):
+        os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # unsloth reads only whether it is set
     # As PID 1 in a container Python gets no default SIGTERM action: without this, preemption ends in SIGKILL.
     # In the training loop SIGTERM asks for a stop after the current step and a checkpoint (exit 76); elsewhere
     # it ends the run at once with exit 75, so Kubernetes retries and the retry resumes from the last checkpoint.
