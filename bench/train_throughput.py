@@ -167,8 +167,8 @@ class Phases:
 
 
 class GcClock:
-    """Time the interpreter spends in its cyclic garbage collector while measuring, and how many collections of the
-    oldest generation it ran: on a host-bound step the collector's passes over every live object count."""
+    """Time the interpreter spends in its cyclic garbage collector while measuring, and its passes, by generation:
+    on a host-bound step a pass over the oldest generation (every live object) counts."""
 
     def __init__(self):
         import gc
@@ -363,10 +363,12 @@ def run(args):
             "mfu": round(4 * n * median / ceiling, 4) if ceiling else None,
             "bf16_matmul_tflops": round(ceiling / 1e12, 1) if ceiling else None, **window.report,
             **phases.report(), **collector.report(args.steps + window.count), "losses": [round(x, 4) for x in losses],
+            **({"trainer": TRAINER_USED[0]} if args.impl == "job" and args.variant != "bare" else {}),
         }
 
 
 PLAIN_TRAINER = [False]  # read by time_trainer_phases's trainer class: trl's own SFTTrainer instead of job's
+TRAINER_USED = [None]  # the trainer class's name, for the row
 
 
 def apply_variant(train, variant: str) -> None:
@@ -437,6 +439,7 @@ def time_trainer_phases(train) -> list:
             cls = type("PlainSFTTrainer", (SFTTrainer,), {})  # a subclass, so the timing wrappers leave trl's alone
         else:
             cls = make()
+        TRAINER_USED[0] = cls.__name__
         for name, phase in [("get_batch_samples", "next_batch"), ("training_step", "forward_backward"),
                             ("_clip_grad_norm", "clip"), ("_maybe_log_save_evaluate", "log")]:
             timed(cls, name, phase)

@@ -36,6 +36,8 @@ def test_the_bench_runs_its_compare_sweep_and_profile_modes_on_the_cpu(tmp_path)
         assert len(row["losses"]) == (2 if row["variant"] == "log5" else 6) and min(row["losses"]) > 0, row
         assert row["profiled_steps"] == 3 and row["profiled_wall_s"] > 0
         assert row["host_ops_per_step"] > 0 and row["gpu_kernels_per_step"] == 0, row  # no GPU: no kernels
+        if row["variant"] != "bare":  # trl's own trainer for `trl`, job's everywhere else
+            assert row["trainer"] == ("PlainSFTTrainer" if row["variant"] == "trl" else "LeanSFTTrainer"), row
         assert len(row["gc_collections"]) == 3 and row["gc_ms_per_step"] >= 0 and row["gc_tracked_objects"] > 0, row
         phases = {k for k in row if k.startswith("host_ms_")}
         assert "host_ms_forward_backward" in phases and ("host_ms_optimizer" in phases) == (row["variant"] == "bare")
