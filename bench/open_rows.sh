@@ -33,17 +33,21 @@
 #           transformers' data-loading defaults: what unsloth's notebooks run) and `noautocast`, one process each.
 #   PART=s: after r (job 9.5% ahead of bare, where session 8 saw it 18% behind): three pairs of processes, bare unsloth
 #           and job's default in alternating order (AB BA AB), 1B batch 2, so the medians over processes decide.
+#   PART=t: after s (pairs from -25% to +32% around medians at -3%; bare's own processes 19,338-28,698): the same
+#           pairs, each row with a host probe before and after (a pure-Python loop, tiny kernel launches, the CPU it
+#           ran on): does the host's speed, process by process, carry the scatter? PIN="taskset -c 8-11" runs every
+#           process on those CPUs only.
 # Usage (GPU host, stack on PYTHONPATH): PART=a bash bench/open_rows.sh OUT.jsonl; PART=b TOKENIZER_DIR=… bash …
 set -uo pipefail
-out=${1:?usage: PART=a|b|c|d|e|f|g|h|i|p|q|r|s|hf open_rows.sh OUT.jsonl}
+out=${1:?usage: PART=a|b|c|d|e|f|g|h|i|p|q|r|s|t|hf open_rows.sh OUT.jsonl}
 models=${MODELS:-/tmp/bench-models}
 row() {  # SHAPE LIMIT ARGS...  (later --steps/--warmup override the defaults here)
   local shape=$1 limit=$2; shift 2
   [ -d "$models/$shape" ] || python bench/train_throughput.py make-model --shape "$shape" --dir "$models/$shape"
-  timeout "$limit" python bench/train_throughput.py run --model-dir "$models/$shape" --shape "$shape" --seq 2048 \
+  timeout "$limit" ${PIN:-} python bench/train_throughput.py run --model-dir "$models/$shape" --shape "$shape" --seq 2048 \
     --steps 12 --warmup 3 --out "$out" "$@" || echo "{\"failed\": \"$shape $*\", \"exit\": $?}" >> "$out"
 }
-case "${PART:?set PART=a … i, p, q, r, s or hf}" in
+case "${PART:?set PART=a … i, p, q, r, s, t or hf}" in
   a)
     for order in bare,default,inline bare,inline,default; do row 1b 120 --impl job --compare "$order"; done
     row 8b 150 --impl job --compare bare,inline,default ;;
@@ -91,7 +95,7 @@ case "${PART:?set PART=a … i, p, q, r, s or hf}" in
   r)
     row 1b 130 --steps 40 --warmup 8 --impl unsloth
     for variant in default trl noautocast; do row 1b 130 --steps 40 --warmup 8 --impl job --variant "$variant"; done ;;
-  s)
+  s|t)
     for order in "unsloth job" "job unsloth" "unsloth job"; do
       for impl in $order; do row 1b 130 --steps 40 --warmup 8 --impl "$impl"; done
     done ;;

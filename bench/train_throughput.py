@@ -250,6 +250,44 @@ class ProfileWindow:
         self.prof = None
 
 
+def host_probe() -> dict:
+    """How fast this process's host is right now, apart from any training: a fixed pure-Python loop and a run of
+    tiny CUDA kernel launches (a host-bound step is made of both), each the median of 7 timings, plus the CPU the
+    process was on and the load average. Taken before and after the measured steps: if the rate moves with these
+    from process to process, the host, not the implementation, sets it."""
+    import torch
+
+    def timed(fn, reps=7):
+        spent = []
+        for _ in range(reps):
+            began = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - began)
+        return statistics.median(spent)
+
+    def interpreter():
+        total = 0
+        for i in range(200_000):
+            total += i & 7
+        return total
+
+    probe = {"python_loop_ms": round(timed(interpreter) * 1000, 2)}
+    if cuda():
+        x = torch.zeros(1, device="cuda")
+
+        def launches(n=2000):
+            for _ in range(n):
+                x.add_(1)
+            torch.cuda.synchronize()
+        launches(200)
+        probe["launch_us"] = round(timed(launches) / 2000 * 1e6, 2)
+    with open("/proc/self/stat") as fh:  # field 39 (after the parenthesised name): the CPU it last ran on
+        probe["cpu"] = int(fh.read().rsplit(")", 1)[1].split()[36])
+    probe["cpus_allowed"] = len(os.sched_getaffinity(0))
+    probe["loadavg_1m"] = os.getloadavg()[0]
+    return probe
+
+
 def bare_measure(model, args):
     def measure(batch, window):
         phases = Phases(args.warmup, args.steps)
@@ -349,6 +387,7 @@ def run(args):
         row = {"impl": args.impl, "variant": args.variant, "shape": args.shape, "precision": args.precision,
                "batch": batch, "seq": args.seq, "checkpointing": bool(args.checkpointing),
                "gpu": torch.cuda.get_device_name(0) if cuda() else None}
+        before = host_probe()
         try:
             with GcClock() as collector:
                 rates, first, phases, losses = measure(batch, window)
@@ -364,6 +403,7 @@ def run(args):
             "bf16_matmul_tflops": round(ceiling / 1e12, 1) if ceiling else None, **window.report,
             **phases.report(), **collector.report(args.steps + window.count), "losses": [round(x, 4) for x in losses],
             **({"trainer": TRAINER_USED[0]} if args.impl == "job" and args.variant != "bare" else {}),
+            "host_probe_before": before, "host_probe_after": host_probe(),
         }
 
 
