@@ -250,6 +250,47 @@ class ProfileWindow:
         self.prof = None
 
 
+class HostClock:
+    """The training thread's own CPU time a step (time.thread_time, which a hypervisor's stolen time and waits leave
+    out) and the whole machine's steal time over the measured steps (/proc/stat): on a host-bound step the CPU time
+    is the work the host does for it, so two paths can be compared on it when the virtual machine's speed swings."""
+
+    def __init__(self, warmup: int, steps: int, window):
+        self.warmup, self.steps, self.window, self.count = warmup, steps, window, window.count
+        self.cpu, self.last, self.stat = [], None, {}
+
+    @staticmethod
+    def ticks() -> tuple[int, int]:
+        try:
+            with open("/proc/stat") as fh:
+                fields = [int(v) for v in fh.readline().split()[1:]]
+        except OSError:
+            return 0, 0
+        return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+    def step_begin(self, step: int) -> None:
+        self.window.step_begin(step)
+        if step == self.warmup:
+            self.stat["began"] = self.ticks()
+
+    def step_end(self, step: int) -> None:
+        now = time.thread_time()
+        if self.warmup <= step < self.steps and self.last is not None:
+            self.cpu.append(now - self.last)
+        if step == self.steps - 1:
+            self.stat["ended"] = self.ticks()
+        self.last = now
+        self.window.step_end(step)
+
+    def report(self) -> dict:
+        if not self.cpu:
+            return {}
+        (steal0, total0), (steal1, total1) = self.stat.get("began", (0, 0)), self.stat.get("ended", (0, 0))
+        return {"cpu_ms_per_step": round(statistics.median(self.cpu) * 1000, 2),
+                "cpu_ms_steps": [round(c * 1000, 1) for c in self.cpu],
+                "steal_fraction": round((steal1 - steal0) / (total1 - total0), 4) if total1 > total0 else None}
+
+
 def host_probe() -> dict:
     """How fast this process's host is right now, apart from any training: a fixed pure-Python loop and a run of
     tiny CUDA kernel launches (a host-bound step is made of both), each the median of 7 timings, plus the CPU the
@@ -383,7 +424,7 @@ def run(args):
         if cuda():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        window = ProfileWindow(args.profile, start=args.steps)
+        window = HostClock(args.warmup, args.steps, ProfileWindow(args.profile, start=args.steps))
         row = {"impl": args.impl, "variant": args.variant, "shape": args.shape, "precision": args.precision,
                "batch": batch, "seq": args.seq, "checkpointing": bool(args.checkpointing),
                "gpu": torch.cuda.get_device_name(0) if cuda() else None}
@@ -400,7 +441,8 @@ def run(args):
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda() else None,
             "time_to_first_step_s": round(first, 1) if first else None, "steps_measured": len(rates),
             "mfu": round(4 * n * median / ceiling, 4) if ceiling else None,
-            "bf16_matmul_tflops": round(ceiling / 1e12, 1) if ceiling else None, **window.report,
+            "bf16_matmul_tflops": round(ceiling / 1e12, 1) if ceiling else None, **window.window.report,
+            **window.report(),
             **phases.report(), **collector.report(args.steps + window.count), "losses": [round(x, 4) for x in losses],
             **({"trainer": TRAINER_USED[0]} if args.impl == "job" and args.variant != "bare" else {}),
             "host_probe_before": before, "host_probe_after": host_probe(),

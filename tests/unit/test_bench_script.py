@@ -41,6 +41,9 @@ def test_the_bench_runs_its_compare_sweep_and_profile_modes_on_the_cpu(tmp_path)
         assert len(row["gc_collections"]) == 3 and row["gc_ms_per_step"] >= 0 and row["gc_tracked_objects"] > 0, row
         phases = {k for k in row if k.startswith("host_ms_")}
         assert "host_ms_forward_backward" in phases and ("host_ms_optimizer" in phases) == (row["variant"] == "bare")
+        # the training thread's CPU time for each of steps 2..6, whatever the logging interval
+        assert len(row["cpu_ms_steps"]) == 5 and row["cpu_ms_per_step"] > 0, row
+        assert 0 <= row["steal_fraction"] <= 1, row
         for probe in row["host_probe_before"], row["host_probe_after"]:
             assert probe["python_loop_ms"] > 0 and probe["cpus_allowed"] >= 1 and "launch_us" not in probe, probe
     assert all(r["steps_measured"] == 5 for r in got if r["variant"] != "log5")  # steps 2..6 after 1 warm-up
