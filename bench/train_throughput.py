@@ -167,7 +167,8 @@ class Phases:
 
 
 class GcClock:
-    """Time the interpreter spends in its cyclic garbage collector while measuring, and its passes, by generation:
+    """Time the interpreter spends in its cyclic garbage collector over a measurement (warm-up steps and the trainer's
+    set-up included, so not per measured step), and its passes, by generation:
     on a host-bound step a pass over the oldest generation (every live object) counts."""
 
     def __init__(self):
