@@ -115,6 +115,26 @@ def sft_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, 
     )
 
 
+class WithoutFullAttentionMask:
+    """trl's collator, leaving out an attention mask that masks nothing (a batch without padding, not packed).
+
+    For a causal model no mask and a mask of ones are the same computation, but not the same cost: with the mask,
+    job's step at 1B batch 2 was 8-9% slower than the bare unsloth loop in the same process, and 2% faster without it
+    (docs/benchmarks.md, session 13). The check runs where the batch is collated (a data loader worker, on the CPU),
+    so it costs the training process nothing. A padded batch keeps its mask; so does a packed one (with position_ids),
+    where leaving it out would let unsloth infer the sequence boundaries and change what attends to what."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        mask = batch.get("attention_mask")
+        if mask is not None and "position_ids" not in batch and bool(mask.all()):
+            del batch["attention_mask"]
+        return batch
+
+
 def _events_callback(metrics_path: Path, started: float):
     import torch
     from transformers import TrainerCallback
@@ -208,7 +228,7 @@ def _LeanSFTTrainer():
             import torch
 
             mask = inputs.get("attention_mask")
-            if mask is None:  # trl's padding-free batches: one row of concatenated sequences, no padding to skip
+            if mask is None:  # no padding to skip: a mask of ones left out, or trl's padding-free rows
                 count = inputs[getattr(self.model, "main_input_name", "input_ids")].numel()
             elif mask.device.type == "cpu":
                 count = int(mask.sum())  # no device involved, nothing to wait for
@@ -358,6 +378,7 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
     trainer = _LeanSFTTrainer()(model=model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
                                 processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; our callback emits events instead
+    trainer.data_collator = WithoutFullAttentionMask(trainer.data_collator)  # read when train() makes its loader
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     resumed_step = checkpoint_step(resume_from) if resume_from else None

@@ -63,3 +63,43 @@ def test_collating_in_worker_processes_trains_on_the_same_batches(tmp_path, smok
         runs[workers] = [(r["step"], r["tokens"], r["loss"]) for r in map(json.loads, result.metrics_path.read_text().splitlines())]
     assert len(runs[2]) == 6
     assert runs[2] == runs[0]
+
+
+def test_a_mask_that_masks_nothing_is_left_out_of_the_batch_and_a_padded_or_packed_one_is_kept(smoke_tokenizer):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from job.train import WithoutFullAttentionMask
+
+    pad = smoke_tokenizer.pad_token_id
+    collate = WithoutFullAttentionMask(DataCollatorForLanguageModeling(pad_token_id=pad))
+    same_length = collate([{"input_ids": [10, 11, 12]}, {"input_ids": [13, 14, 15]}])
+    assert "attention_mask" not in same_length and same_length["input_ids"].shape == (2, 3)
+    padded = collate([{"input_ids": [10, 11, 12]}, {"input_ids": [13]}])
+    assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert padded["labels"].tolist()[1] == [13, -100, -100]
+    packed = WithoutFullAttentionMask(DataCollatorForLanguageModeling(pad_token_id=pad, return_position_ids=True))
+    assert "attention_mask" in packed([{"input_ids": [10, 11, 12]}, {"input_ids": [13, 14, 15]}])
+
+
+def test_leaving_out_a_mask_of_ones_trains_exactly_as_with_it(tmp_path, smoke_tokenizer, monkeypatch):
+    """Rows of one length: every batch's mask is all ones, so job leaves it out. The losses and token counts must be
+    those of the same run with the mask passed to the model."""
+    import datasets
+
+    from job import train
+    from job.spec import TrainingSection
+
+    rows = [list(range(10 + i, 18 + i)) for i in range(8)]
+    data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    training = TrainingSection(max_steps=4, batch_size=2, gradient_accumulation_steps=1, optim="adamw_torch",
+                               warmup_steps=0, max_seq_length=64)
+    runs = {}
+    for mask in ("left out", "passed"):
+        if mask == "passed":
+            monkeypatch.setattr(train, "WithoutFullAttentionMask", lambda collate: collate)
+        (tmp_path / mask).mkdir()
+        result = train.run(tiny_lora_model(len(smoke_tokenizer)), smoke_tokenizer, data, training, tmp_path / mask,
+                           {"dtype": "float32", "backend": "hf"})
+        runs[mask] = [(r["step"], r["tokens"], r["loss"]) for r in map(json.loads, result.metrics_path.read_text().splitlines())]
+    assert len(runs["passed"]) == 4 and runs["passed"][-1][1] == 4 * 2 * 8
+    assert runs["left out"] == runs["passed"]
