@@ -37,9 +37,24 @@
 #           pairs, each row with a host probe before and after (a pure-Python loop, tiny kernel launches, the CPU it
 #           ran on): does the host's speed, process by process, carry the scatter? PIN="taskset -c 8-11" runs every
 #           process on those CPUs only.
+#   PART=u: after t (job's training thread spends more CPU a step than bare's in every call): where. bench/step_factors.py
+#           on one loaded 1B model, the bare loop with one part of job's step added at a time (autocast, attention
+#           mask, pinned non-blocking copy, the trainer's per-step calls), the variants in turns of 5 steps; then bare
+#           and job's default, one process each, with py-spy sampling every thread over the measured steps
+#           (collapsed stacks beside OUT, for bench/stack_diff.py); then the factors at 8B (plain, autocast).
+#   PART=v: after u (py-spy: job's trainer adds about 1.5 ms a step of its own to the training thread; the rest of the
+#           host work is the same code, on two threads, at the host's speed of the moment): job's trainer and the bare
+#           loop in one process, blocks of 4 bare steps between every 4 of job's (`--variant interleaved`), three
+#           processes at 1B batch 2, then one at 8B batch 2.
+#   PART=w: after v (in one process job's steps were 9% slower than bare's in two of three, 4.5% faster in one):
+#           interleaved again under py-spy (the training thread's stacks of job's steps and of the bare blocks apart),
+#           then twice with the attention mask left out of the model's inputs (`interleaved-nomask`), which
+#           bench/step_factors.py saw cost the bare loop 7 ms of the training thread a step.
+#   PART=x: after w (without the mask job's steps were 2.5% and 1.7% faster than bare's; with it 7.8% slower), job
+#           leaves a mask of ones out of its batches (job/train.py, WithoutFullAttentionMask): interleaved, twice.
 # Usage (GPU host, stack on PYTHONPATH): PART=a bash bench/open_rows.sh OUT.jsonl; PART=b TOKENIZER_DIR=… bash …
 set -uo pipefail
-out=${1:?usage: PART=a|b|c|d|e|f|g|h|i|p|q|r|s|t|hf open_rows.sh OUT.jsonl}
+out=${1:?usage: PART=a|b|c|d|e|f|g|h|i|p|q|r|s|t|u|v|w|x|hf open_rows.sh OUT.jsonl}
 models=${MODELS:-/tmp/bench-models}
 row() {  # SHAPE LIMIT ARGS...  (later --steps/--warmup override the defaults here)
   local shape=$1 limit=$2; shift 2
@@ -47,7 +62,7 @@ row() {  # SHAPE LIMIT ARGS...  (later --steps/--warmup override the defaults he
   timeout "$limit" ${PIN:-} python bench/train_throughput.py run --model-dir "$models/$shape" --shape "$shape" --seq 2048 \
     --steps 12 --warmup 3 --out "$out" "$@" || echo "{\"failed\": \"$shape $*\", \"exit\": $?}" >> "$out"
 }
-case "${PART:?set PART=a … i, p, q, r, s, t or hf}" in
+case "${PART:?set PART=a … i, p, q, r, s, t, u, v, w, x or hf}" in
   a)
     for order in bare,default,inline bare,inline,default; do row 1b 120 --impl job --compare "$order"; done
     row 8b 150 --impl job --compare bare,inline,default ;;
@@ -95,6 +110,23 @@ case "${PART:?set PART=a … i, p, q, r, s, t or hf}" in
   r)
     row 1b 130 --steps 40 --warmup 8 --impl unsloth
     for variant in default trl noautocast; do row 1b 130 --steps 40 --warmup 8 --impl job --variant "$variant"; done ;;
+  u)
+    dir=$(dirname "$out")
+    [ -d "$models/1b" ] || python bench/train_throughput.py make-model --shape 1b --dir "$models/1b"
+    timeout 200 python bench/step_factors.py --model-dir "$models/1b" --shape 1b --out "$dir/factors.jsonl"
+    row 1b 130 --steps 40 --warmup 8 --impl unsloth --py-spy "$dir/stacks-1b-bare.txt"
+    row 1b 130 --steps 40 --warmup 8 --impl job --py-spy "$dir/stacks-1b-job.txt"
+    timeout 200 python bench/step_factors.py --model-dir "$models/8b" --shape 8b --variants plain,autocast --rounds 5 \
+      --block 4 --out "$dir/factors.jsonl" ;;
+  v)
+    for _ in 1 2 3; do row 1b 150 --steps 40 --warmup 8 --impl job --variant interleaved; done
+    row 8b 260 --steps 28 --warmup 8 --impl job --variant interleaved ;;
+  w)
+    dir=$(dirname "$out")
+    row 1b 150 --steps 40 --warmup 8 --impl job --variant interleaved --py-spy "$dir/stacks-1b-interleaved.txt"
+    for _ in 1 2; do row 1b 150 --steps 40 --warmup 8 --impl job --variant interleaved-nomask; done ;;
+  x)
+    for _ in 1 2; do row 1b 150 --steps 40 --warmup 8 --impl job --variant interleaved; done ;;
   s|t)
     for order in "unsloth job" "job unsloth" "unsloth job"; do
       for impl in $order; do row 1b 130 --steps 40 --warmup 8 --impl "$impl"; done

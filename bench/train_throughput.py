@@ -251,14 +251,43 @@ class ProfileWindow:
         self.prof = None
 
 
+class StackSampler:
+    """py-spy over the measured steps (warmup..steps) of this process: every thread's Python stacks, sampled without
+    pausing the process, written as collapsed stacks (one line a stack, its sample count last) to `path`, for
+    `bench/stack_diff.py` to compare two paths by. Does nothing when path is empty."""
+
+    def __init__(self, path: str, warmup: int, steps: int, rate: int = 250):
+        self.path, self.warmup, self.steps, self.rate, self.proc = path, warmup, steps, rate, None
+
+    def step_begin(self, step: int) -> None:
+        if self.path and step == self.warmup:
+            import subprocess
+
+            self.proc = subprocess.Popen(["py-spy", "record", "--pid", str(os.getpid()), "--rate", str(self.rate),
+                                          "--nonblocking", "--threads", "--format", "raw", "--output", self.path],
+                                         stdout=subprocess.DEVNULL, stderr=open(self.path + ".log", "w"))
+
+    def step_end(self, step: int) -> None:
+        if self.proc is not None and step == self.steps - 1:
+            import signal
+
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits; waited for in close()
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.wait(timeout=60)
+            self.proc = None
+
+
 class HostClock:
     """The training thread's own CPU time a step (time.thread_time, which a hypervisor's stolen time and waits leave
-    out) and the whole machine's steal time over the measured steps (/proc/stat): on a host-bound step the CPU time
+    out), the whole process's (time.process_time: the autograd thread's too) and the whole machine's steal time over the measured steps (/proc/stat): on a host-bound step the CPU time
     is the work the host does for it, so two paths can be compared on it when the virtual machine's speed swings."""
 
-    def __init__(self, warmup: int, steps: int, window):
+    def __init__(self, warmup: int, steps: int, window, sampler: StackSampler | None = None):
         self.warmup, self.steps, self.window, self.count = warmup, steps, window, window.count
-        self.cpu, self.last, self.stat = [], None, {}
+        self.sampler = sampler or StackSampler("", warmup, steps)
+        self.cpu, self.process_cpu, self.last, self.last_process, self.stat = [], [], None, None, {}
 
     @staticmethod
     def ticks() -> tuple[int, int]:
@@ -271,16 +300,20 @@ class HostClock:
 
     def step_begin(self, step: int) -> None:
         self.window.step_begin(step)
+        self.sampler.step_begin(step)
         if step == self.warmup:
             self.stat["began"] = self.ticks()
 
     def step_end(self, step: int) -> None:
-        now = time.thread_time()
+        now, process = time.thread_time(), time.process_time()
         if self.warmup <= step < self.steps and self.last is not None:
             self.cpu.append(now - self.last)
+            self.process_cpu.append(process - self.last_process)
+        self.last_process = process
         if step == self.steps - 1:
             self.stat["ended"] = self.ticks()
         self.last = now
+        self.sampler.step_end(step)
         self.window.step_end(step)
 
     def report(self) -> dict:
@@ -289,6 +322,9 @@ class HostClock:
         (steal0, total0), (steal1, total1) = self.stat.get("began", (0, 0)), self.stat.get("ended", (0, 0))
         return {"cpu_ms_per_step": round(statistics.median(self.cpu) * 1000, 2),
                 "cpu_ms_steps": [round(c * 1000, 1) for c in self.cpu],
+                # every thread of the process: PyTorch runs the backward (and unsloth's recomputed forward) on its
+                # own autograd thread, while the training thread waits
+                "process_cpu_ms_per_step": round(statistics.median(self.process_cpu) * 1000, 2),
                 "steal_fraction": round((steal1 - steal0) / (total1 - total0), 4) if total1 > total0 else None}
 
 
@@ -409,6 +445,14 @@ def run(args):
 
         bare = bare_measure(model, args)
 
+        if args.variant.startswith("interleaved"):
+            def measure(batch, window, job_measure=measure):
+                interleave = Interleave(model, args, batch, window)
+                _, first, phases, losses = job_measure(batch, interleave)
+                INTERLEAVED.update(interleave.report())
+                # the trainer's logged rates span the bare blocks too: the job steps' own times instead
+                return [batch * args.seq / t for t in interleave.job], first, phases, losses
+
         if args.compare:  # the same loaded model through each in turn: the bare loop and job's trainer variants
             def measure(batch, window, job_measure=measure):
                 if args.variant == "bare":
@@ -425,7 +469,8 @@ def run(args):
         if cuda():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        window = HostClock(args.warmup, args.steps, ProfileWindow(args.profile, start=args.steps))
+        window = HostClock(args.warmup, args.steps, ProfileWindow(args.profile, start=args.steps),
+                           StackSampler(args.py_spy, args.warmup, args.steps))
         row = {"impl": args.impl, "variant": args.variant, "shape": args.shape, "precision": args.precision,
                "batch": batch, "seq": args.seq, "checkpointing": bool(args.checkpointing),
                "gpu": torch.cuda.get_device_name(0) if cuda() else None}
@@ -434,8 +479,10 @@ def run(args):
             with GcClock() as collector:
                 rates, first, phases, losses = measure(batch, window)
         except torch.OutOfMemoryError:
+            window.sampler.close()
             yield {**row, "out_of_memory": True}
             continue
+        window.sampler.close()
         median = statistics.median(rates)
         yield {**row,
             "tokens_per_second": round(median, 1), "step_rates": [round(r) for r in rates],
@@ -446,10 +493,84 @@ def run(args):
             **window.report(),
             **phases.report(), **collector.report(args.steps + window.count), "losses": [round(x, 4) for x in losses],
             **({"trainer": TRAINER_USED[0]} if args.impl == "job" and args.variant != "bare" else {}),
+            **INTERLEAVED,
             "host_probe_before": before, "host_probe_after": host_probe(),
         }
 
 
+INTERLEAVED = {}  # the bare loop's figures from an `interleaved` row
+
+
+class Interleave:
+    """The bare loop in blocks of `block` steps inside job's trainer, on the same model, after every `block` of its
+    steps (`--variant interleaved`): a host whose speed drifts within the process slows both alike, so their
+    medians compare where separate processes' do not. A job step is timed from the end of the step, or bare block,
+    before it to its own end (its predecessor's log line, the batch's fetch and the step itself); a bare step as in
+    bare_loop. The bare steps run under the trainer's bf16 autocast (accelerate wraps the model's forward): at 1B
+    batch 2 autocast costs the bare loop nothing measurable (bench/step_factors.py, session 13)."""
+
+    def __init__(self, model, args, batch, window, block: int = 4):
+        import torch
+
+        self.model, self.args, self.batch, self.window, self.block = model, args, batch, window, block
+        self.count = window.count
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if cuda():
+            import bitsandbytes as bnb
+
+            self.opt = bnb.optim.AdamW8bit(self.params, lr=2e-4, weight_decay=0.01)
+        else:
+            self.opt = torch.optim.AdamW(self.params, lr=2e-4, weight_decay=0.01)
+        self.data = batches(model.config.vocab_size, batch, args.seq, 10**9)
+        self.device = next(model.parameters()).device
+        self.last, self.job, self.bare, self.job_process_cpu, self.bare_process_cpu = None, [], [], [], []
+
+    def step_begin(self, step: int) -> None:
+        self.window.step_begin(step)
+
+    def step_end(self, step: int) -> None:
+        import torch
+
+        self.window.step_end(step)
+        now, process = time.perf_counter(), time.process_time()
+        measured = self.args.warmup <= step < self.args.steps
+        if measured and self.last is not None:
+            self.job.append(now - self.last[0])
+            self.job_process_cpu.append(process - self.last[1])
+        self.last = (now, process)
+        if (step + 1) % self.block or step >= self.args.steps:
+            return
+        synchronize()
+        last = (time.perf_counter(), time.process_time())
+        for _ in range(self.block):
+            ids = next(self.data).to(self.device)
+            loss = self.model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if self.args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            loss.item()
+            now, process = time.perf_counter(), time.process_time()
+            if measured:
+                self.bare.append(now - last[0])
+                self.bare_process_cpu.append(process - last[1])
+            last = (now, process)
+        synchronize()
+        self.last = (time.perf_counter(), time.process_time())
+        self.window.last, self.window.last_process = time.thread_time(), self.last[1]  # the block is no job step's
+
+    def report(self) -> dict:
+        tokens = self.batch * self.args.seq
+        job, bare = statistics.median(self.job), statistics.median(self.bare)
+        return {"interleaved_block": self.block, "job_step_ms": round(job * 1000, 2), "bare_step_ms": round(bare * 1000, 2),
+                "bare_tokens_per_second": round(tokens / bare, 1), "bare_step_rates": [round(tokens / t) for t in self.bare],
+                "job_tokens_per_second_interleaved": round(tokens / job, 1), "job_vs_bare": round(bare / job - 1, 4),
+                "job_process_cpu_ms_per_step": round(statistics.median(self.job_process_cpu) * 1000, 2),
+                "bare_process_cpu_ms_per_step": round(statistics.median(self.bare_process_cpu) * 1000, 2)}
+
+
+DROP_MASK = [False]  # read by time_trainer_phases's trainer class: the model's forward without the attention mask
 PLAIN_TRAINER = [False]  # read by time_trainer_phases's trainer class: trl's own SFTTrainer instead of job's
 TRAINER_USED = [None]  # the trainer class's name, for the row
 
@@ -461,7 +582,11 @@ def apply_variant(train, variant: str) -> None:
     train.sft_config = make
     run = train.run = train.__dict__.setdefault("_job_run", train.run)
     os.environ.pop("UNSLOTH_MIXED_PRECISION", None)
-    if variant == "default":
+    DROP_MASK[0] = variant.endswith("nomask")
+    train.WithoutFullAttentionMask = train.__dict__.setdefault("_job_without_mask", train.WithoutFullAttentionMask)
+    if variant == "trl":  # trl's own loss reads the mask (for its token metrics), and unsloth's notebooks pass it
+        train.WithoutFullAttentionMask = lambda collate: collate
+    if variant in ("default", "interleaved", "interleaved-nomask"):  # interleaved: bare blocks between job's steps
         return
     if variant == "noautocast":  # read when the trainer is made; without it unsloth turns bf16 autocast back on
         os.environ["UNSLOTH_MIXED_PRECISION"] = "bfloat16"
@@ -523,6 +648,12 @@ def time_trainer_phases(train) -> list:
         else:
             cls = make()
         TRAINER_USED[0] = cls.__name__
+        if DROP_MASK[0]:  # after the token count has read it: unsloth drops the mask of a training batch anyway
+            compute_loss = cls.compute_loss
+
+            def without_mask(self, model, inputs, *a, **kw):
+                return compute_loss(self, model, {k: v for k, v in inputs.items() if k != "attention_mask"}, *a, **kw)
+            cls.compute_loss = without_mask
         for name, phase in [("get_batch_samples", "next_batch"), ("training_step", "forward_backward"),
                             ("_clip_grad_norm", "clip"), ("_maybe_log_save_evaluate", "log")]:
             timed(cls, name, phase)
@@ -576,12 +707,16 @@ def main() -> None:
     rn.add_argument("--max-grad-norm", type=float, default=1.0, help="bare loops clip like job's trainer; 0: no clipping")
     rn.add_argument("--precision", choices=["4bit", "16bit", "fp8"], default="4bit", help="base weights (unsloth, job)")
     rn.add_argument("--backend", choices=["unsloth", "hf"], default="unsloth", help="job only: the backend it loads with")
-    rn.add_argument("--variant", default="default", help="job only: trainer settings (default, inline, noautocast, log5, gcfreeze, trl)")
+    rn.add_argument("--variant", default="default", help="job only: trainer settings (default, inline, noautocast, log5, gcfreeze, trl, interleaved: job's default "
+                    "with blocks of the bare loop between its steps, in one process; interleaved-nomask: the same, "
+                    "the attention mask left out of the model's inputs)")
     rn.add_argument("--compare", default="", help="job only: variants run one after another on the one loaded model, "
                                                    "'bare' for the bare loop on it, e.g. bare,default,inline; 'bare' only "
                                                    "first: after job's trainer has run, unsloth's checkpointing is off "
                                                    "for a bare loop on the same model (seen: 1B peak 5.4 GiB, not 1.7)")
     rn.add_argument("--profile", default="", help="run 3 more steps under torch.profiler and append their GPU busy fraction and host calls to this file")
+    rn.add_argument("--py-spy", default="", help="sample every thread's Python stacks over the measured steps with py-spy "
+                                                  "(on PATH) into this file, as collapsed stacks")
     rn.add_argument("--out", default="")
     args = parser.parse_args()
     if args.cmd == "make-model":

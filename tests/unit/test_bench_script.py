@@ -54,3 +54,29 @@ def test_the_bare_loop_may_only_come_first_in_a_comparison(tmp_path):
     refused = bench("run", "--impl", "job", "--backend", "hf", "--precision", "16bit", "--model-dir", str(tmp_path),
                     "--compare", "default,bare", cwd=tmp_path)
     assert refused.returncode != 0 and "'bare' may come only first" in refused.stderr
+
+
+def test_the_interleaved_comparison_and_the_step_factors_run_on_the_cpu(tmp_path):
+    """`--variant interleaved` (bare blocks between job's steps in one process) and bench/step_factors.py, the two
+    in-process comparisons of session 13: each row carries both paths' figures."""
+    made = bench("make-model", "--shape", "tiny", "--dir", str(tmp_path / "tiny"), cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-3000:]
+    rows = tmp_path / "rows.jsonl"
+    ran = bench("run", "--impl", "job", "--backend", "hf", "--precision", "16bit", "--shape", "tiny",
+                "--model-dir", str(tmp_path / "tiny"), "--seq", "32", "--batch", "2", "--steps", "12", "--warmup", "4",
+                "--variant", "interleaved", "--out", str(rows), cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    row = json.loads(rows.read_text())
+    # job's steps 4..11 measured, and a bare block of 4 after each 4 of them (steps 7 and 11)
+    assert row["steps_measured"] == 8 and len(row["bare_step_rates"]) == 8, row
+    assert row["job_step_ms"] > 0 and row["bare_step_ms"] > 0 and row["bare_tokens_per_second"] > 0, row
+    assert row["process_cpu_ms_per_step"] >= row["cpu_ms_per_step"] > 0, row
+
+    factors = tmp_path / "factors.jsonl"
+    ran = subprocess.run([sys.executable, str(REPO / "bench" / "step_factors.py"), "--model-dir", str(tmp_path / "tiny"),
+                          "--shape", "tiny", "--seq", "32", "--rounds", "2", "--block", "2", "--out", str(factors)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    got = [json.loads(line) for line in factors.read_text().splitlines()]
+    assert [r["variant"] for r in got] == ["plain", "autocast", "mask", "pinned", "trainer"]
+    assert all(r["steps_measured"] == 2 and r["wall_ms_per_step"] > 0 and r["cpu_ms_per_step"] > 0 for r in got), got
