@@ -45,11 +45,14 @@
 #   PART=v: after u (py-spy: job's trainer adds about 1.5 ms a step of its own to the training thread; the rest of the
 #           host work is the same code, on two threads, at the host's speed of the moment): job's trainer and the bare
 #           loop in one process, blocks of 4 bare steps between every 4 of job's (`--variant interleaved`), three
-#           processes at 1B batch 2, then one at 8B batch 2.
+#           processes at 1B batch 2, then one at 8B batch 2. (Session 13 ran it before f28d6cb, with the mask:
+#           `--variant interleaved-mask` now.)
 #   PART=w: after v (in one process job's steps were 9% slower than bare's in two of three, 4.5% faster in one):
-#           interleaved again under py-spy (the training thread's stacks of job's steps and of the bare blocks apart),
-#           then twice with the attention mask left out of the model's inputs (`interleaved-nomask`), which
-#           bench/step_factors.py saw cost the bare loop 7 ms of the training thread a step.
+#           with trl's mask of ones passed to the model, interleaved under py-spy (the training thread's stacks of
+#           job's steps and of the bare blocks apart); then twice without it, which bench/step_factors.py saw cost
+#           the bare loop 7 ms of the training thread a step. (Session 13 ran the second half as `interleaved-nomask`,
+#           the bench dropping the mask before the model, at f28d6cb's parent; since f28d6cb job leaves it out
+#           itself, so `interleaved-mask` is job with the mask and plain `interleaved` job without.)
 #   PART=x: after w (without the mask job's steps were 2.5% and 1.7% faster than bare's; with it 7.8% slower), job
 #           leaves a mask of ones out of its batches (job/train.py, WithoutFullAttentionMask): interleaved, twice.
 # Usage (GPU host, stack on PYTHONPATH): PART=a bash bench/open_rows.sh OUT.jsonl; PART=b TOKENIZER_DIR=… bash …
@@ -119,12 +122,12 @@ case "${PART:?set PART=a … i, p, q, r, s, t, u, v, w, x or hf}" in
     timeout 200 python bench/step_factors.py --model-dir "$models/8b" --shape 8b --variants plain,autocast --rounds 5 \
       --block 4 --out "$dir/factors.jsonl" ;;
   v)
-    for _ in 1 2 3; do row 1b 150 --steps 40 --warmup 8 --impl job --variant interleaved; done
-    row 8b 260 --steps 28 --warmup 8 --impl job --variant interleaved ;;
+    for _ in 1 2 3; do row 1b 150 --steps 40 --warmup 8 --impl job --variant interleaved-mask; done
+    row 8b 260 --steps 28 --warmup 8 --impl job --variant interleaved-mask ;;
   w)
     dir=$(dirname "$out")
-    row 1b 150 --steps 40 --warmup 8 --impl job --variant interleaved --py-spy "$dir/stacks-1b-interleaved.txt"
-    for _ in 1 2; do row 1b 150 --steps 40 --warmup 8 --impl job --variant interleaved-nomask; done ;;
+    row 1b 150 --steps 40 --warmup 8 --impl job --variant interleaved-mask --py-spy "$dir/stacks-1b-interleaved.txt"
+    for _ in 1 2; do row 1b 150 --steps 40 --warmup 8 --impl job --variant interleaved; done ;;
   x)
     for _ in 1 2; do row 1b 150 --steps 40 --warmup 8 --impl job --variant interleaved; done ;;
   s|t)

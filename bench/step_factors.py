@@ -56,13 +56,7 @@ def step_runner(model, variant: str, batch: int, seq: int):
 
     cuda = torch.cuda.is_available()
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cuda:
-        import bitsandbytes as bnb
-
-        opt = bnb.optim.AdamW8bit(params, lr=2e-4, weight_decay=0.01)
-    else:
-        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
+    params, opt = tt.bare_optimizer(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     data = tt.batches(model.config.vocab_size, batch, seq, 10**9)
     autocast = (torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16) if variant == "autocast"

@@ -99,39 +99,50 @@ def batches(vocab: int, batch: int, seq: int, n: int):
         yield ids
 
 
-def bare_loop(model, args, vocab, batch, window, phases=None):
+def bare_optimizer(model):
+    """The trainable (LoRA) parameters and the bare loops' optimizer over them: 8-bit AdamW on a GPU, as job's spec
+    asks (adamw_8bit), torch's AdamW on the CPU."""
     import torch
-
-    phases = phases if phases is not None else Phases()
-    device = next(model.parameters()).device
 
     params = [p for p in model.parameters() if p.requires_grad]
     if cuda():
         import bitsandbytes as bnb
 
-        opt = bnb.optim.AdamW8bit(params, lr=2e-4, weight_decay=0.01)
-    else:
-        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
+        return params, bnb.optim.AdamW8bit(params, lr=2e-4, weight_decay=0.01)
+    return params, torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
+
+
+def bare_step(model, device, ids, params, opt, max_grad_norm: float, phases, step: int) -> float:
+    """One step of the bare loop, with the same gradient clipping as job's trainer and one host read of the loss
+    (what a per-step log line costs); its parts timed into `phases`."""
+    import torch
+
+    with phases("forward_backward", step):
+        ids = ids.to(device)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    with phases("clip", step):
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    with phases("optimizer", step):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with phases("sync_read_loss", step):
+        return loss.item()
+
+
+def bare_loop(model, args, vocab, batch, window, phases=None):
+    phases = phases if phases is not None else Phases()
+    params, opt = bare_optimizer(model)
+    device = next(model.parameters()).device
     times, first, losses = [], None, []
     model.train()
     synchronize()
     last = time.perf_counter()
-    # Timed like job's trainer: from one step's end to the next, batch and copy included, with the same
-    # gradient clipping and one host read of the loss a step (what a per-step log line costs).
+    # Timed like job's trainer: from one step's end to the next, batch and copy included.
     for step, ids in enumerate(batches(vocab, batch, args.seq, args.steps + window.count)):
         window.step_begin(step)
-        with phases("forward_backward", step):
-            ids = ids.to(device)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-        with phases("clip", step):
-            if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        with phases("optimizer", step):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        with phases("sync_read_loss", step):
-            losses.append(loss.item())
+        losses.append(bare_step(model, device, ids, params, opt, args.max_grad_norm, phases, step))
         now = time.perf_counter()
         times.append(now - last)
         last = now
@@ -510,27 +521,17 @@ class Interleave:
     batch 2 autocast costs the bare loop nothing measurable (bench/step_factors.py, session 13)."""
 
     def __init__(self, model, args, batch, window, block: int = 4):
-        import torch
-
         self.model, self.args, self.batch, self.window, self.block = model, args, batch, window, block
         self.count = window.count
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if cuda():
-            import bitsandbytes as bnb
-
-            self.opt = bnb.optim.AdamW8bit(self.params, lr=2e-4, weight_decay=0.01)
-        else:
-            self.opt = torch.optim.AdamW(self.params, lr=2e-4, weight_decay=0.01)
-        self.data = batches(model.config.vocab_size, batch, args.seq, 10**9)
+        self.params, self.opt = bare_optimizer(model)
         self.device = next(model.parameters()).device
+        self.data = batches(model.config.vocab_size, batch, args.seq, 10**9)
         self.last, self.job, self.bare, self.job_process_cpu, self.bare_process_cpu = None, [], [], [], []
 
     def step_begin(self, step: int) -> None:
         self.window.step_begin(step)
 
     def step_end(self, step: int) -> None:
-        import torch
-
         self.window.step_end(step)
         now, process = time.perf_counter(), time.process_time()
         measured = self.args.warmup <= step < self.args.steps
@@ -543,14 +544,7 @@ class Interleave:
         synchronize()
         last = (time.perf_counter(), time.process_time())
         for _ in range(self.block):
-            ids = next(self.data).to(self.device)
-            loss = self.model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            if self.args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            loss.item()
+            bare_step(self.model, self.device, next(self.data), self.params, self.opt, self.args.max_grad_norm, Phases(), step)
             now, process = time.perf_counter(), time.process_time()
             if measured:
                 self.bare.append(now - last[0])
@@ -570,7 +564,6 @@ class Interleave:
                 "bare_process_cpu_ms_per_step": round(statistics.median(self.bare_process_cpu) * 1000, 2)}
 
 
-DROP_MASK = [False]  # read by time_trainer_phases's trainer class: the model's forward without the attention mask
 PLAIN_TRAINER = [False]  # read by time_trainer_phases's trainer class: trl's own SFTTrainer instead of job's
 TRAINER_USED = [None]  # the trainer class's name, for the row
 
@@ -582,11 +575,12 @@ def apply_variant(train, variant: str) -> None:
     train.sft_config = make
     run = train.run = train.__dict__.setdefault("_job_run", train.run)
     os.environ.pop("UNSLOTH_MIXED_PRECISION", None)
-    DROP_MASK[0] = variant.endswith("nomask")
     train.WithoutFullAttentionMask = train.__dict__.setdefault("_job_without_mask", train.WithoutFullAttentionMask)
-    if variant == "trl":  # trl's own loss reads the mask (for its token metrics), and unsloth's notebooks pass it
+    # trl's own loss reads the mask (for its token metrics), and unsloth's notebooks pass it; interleaved-mask is
+    # job before session 13, which passed trl's mask of ones to the model
+    if variant in ("trl", "interleaved-mask"):
         train.WithoutFullAttentionMask = lambda collate: collate
-    if variant in ("default", "interleaved", "interleaved-nomask"):  # interleaved: bare blocks between job's steps
+    if variant in ("default", "interleaved", "interleaved-mask"):  # interleaved: bare blocks between job's steps
         return
     if variant == "noautocast":  # read when the trainer is made; without it unsloth turns bf16 autocast back on
         os.environ["UNSLOTH_MIXED_PRECISION"] = "bfloat16"
@@ -648,12 +642,6 @@ def time_trainer_phases(train) -> list:
         else:
             cls = make()
         TRAINER_USED[0] = cls.__name__
-        if DROP_MASK[0]:  # after the token count has read it: unsloth drops the mask of a training batch anyway
-            compute_loss = cls.compute_loss
-
-            def without_mask(self, model, inputs, *a, **kw):
-                return compute_loss(self, model, {k: v for k, v in inputs.items() if k != "attention_mask"}, *a, **kw)
-            cls.compute_loss = without_mask
         for name, phase in [("get_batch_samples", "next_batch"), ("training_step", "forward_backward"),
                             ("_clip_grad_norm", "clip"), ("_maybe_log_save_evaluate", "log")]:
             timed(cls, name, phase)
@@ -708,8 +696,8 @@ def main() -> None:
     rn.add_argument("--precision", choices=["4bit", "16bit", "fp8"], default="4bit", help="base weights (unsloth, job)")
     rn.add_argument("--backend", choices=["unsloth", "hf"], default="unsloth", help="job only: the backend it loads with")
     rn.add_argument("--variant", default="default", help="job only: trainer settings (default, inline, noautocast, log5, gcfreeze, trl, interleaved: job's default "
-                    "with blocks of the bare loop between its steps, in one process; interleaved-nomask: the same, "
-                    "the attention mask left out of the model's inputs)")
+                    "with blocks of the bare loop between its steps, in one process; interleaved-mask: the same, "
+                    "with trl's attention mask of ones passed to the model, as job did before session 13)")
     rn.add_argument("--compare", default="", help="job only: variants run one after another on the one loaded model, "
                                                    "'bare' for the bare loop on it, e.g. bare,default,inline; 'bare' only "
                                                    "first: after job's trainer has run, unsloth's checkpointing is off "

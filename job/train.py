@@ -119,8 +119,8 @@ class WithoutFullAttentionMask:
     """trl's collator, leaving out an attention mask that masks nothing (a batch without padding, not packed).
 
     For a causal model no mask and a mask of ones are the same computation, but not the same cost: with the mask,
-    job's step at 1B batch 2 was 8-9% slower than the bare unsloth loop in the same process, and 2% faster without it
-    (docs/benchmarks.md, session 13). The check runs where the batch is collated (a data loader worker, on the CPU),
+    job's step at 1B batch 2 was 8% slower than the bare unsloth loop in the same process, and level with it
+    without (medians of four processes each, docs/benchmarks.md, session 13). The check runs where the batch is collated (a data loader worker, on the CPU),
     so it costs the training process nothing. A padded batch keeps its mask; so does a packed one (with position_ids),
     where leaving it out would let unsloth infer the sequence boundaries and change what attends to what."""
 

@@ -93,13 +93,21 @@ def test_leaving_out_a_mask_of_ones_trains_exactly_as_with_it(tmp_path, smoke_to
     data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
     training = TrainingSection(max_steps=4, batch_size=2, gradient_accumulation_steps=1, optim="adamw_torch",
                                warmup_steps=0, max_seq_length=64)
+    seen = []  # the masks the model's batches carried in the first run: none, if train.run wires the wrapper in
+
+    class Watched(train.WithoutFullAttentionMask):
+        def __call__(self, examples):
+            batch = super().__call__(examples)
+            seen.append("attention_mask" in batch)
+            return batch
+
     runs = {}
     for mask in ("left out", "passed"):
-        if mask == "passed":
-            monkeypatch.setattr(train, "WithoutFullAttentionMask", lambda collate: collate)
+        monkeypatch.setattr(train, "WithoutFullAttentionMask", Watched if mask == "left out" else lambda collate: collate)
         (tmp_path / mask).mkdir()
         result = train.run(tiny_lora_model(len(smoke_tokenizer)), smoke_tokenizer, data, training, tmp_path / mask,
                            {"dtype": "float32", "backend": "hf"})
         runs[mask] = [(r["step"], r["tokens"], r["loss"]) for r in map(json.loads, result.metrics_path.read_text().splitlines())]
+    assert len(seen) >= 4 and not any(seen)
     assert len(runs["passed"]) == 4 and runs["passed"][-1][1] == 4 * 2 * 8
     assert runs["left out"] == runs["passed"]
