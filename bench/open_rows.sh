@@ -55,9 +55,13 @@
 #           itself, so `interleaved-mask` is job with the mask and plain `interleaved` job without.)
 #   PART=x: after w (without the mask job's steps were 2.5% and 1.7% faster than bare's; with it 7.8% slower), job
 #           leaves a mask of ones out of its batches (job/train.py, WithoutFullAttentionMask): interleaved, twice.
+#   PART=y: after x (ten processes of job's shipped path interleaved: median -4.1%, -2.3% on a host whose probe read
+#           6.5 ms, -6.9% on one that read 14 ms): job's trainer walks the module tree once a run instead of three
+#           times a step (job/train.py, ModuleWalksOnce; 4.4 ms a step on a 2-core CPU at 1,337 modules): interleaved,
+#           four times; each row carries the walks' cost on the host (module_walk_ms).
 # Usage (GPU host, stack on PYTHONPATH): PART=a bash bench/open_rows.sh OUT.jsonl; PART=b TOKENIZER_DIR=… bash …
 set -uo pipefail
-out=${1:?usage: PART=a|b|c|d|e|f|g|h|i|p|q|r|s|t|u|v|w|x|hf open_rows.sh OUT.jsonl}
+out=${1:?usage: PART=a|b|c|d|e|f|g|h|i|p|q|r|s|t|u|v|w|x|y|hf open_rows.sh OUT.jsonl}
 models=${MODELS:-/tmp/bench-models}
 row() {  # SHAPE LIMIT ARGS...  (later --steps/--warmup override the defaults here)
   local shape=$1 limit=$2; shift 2
@@ -65,7 +69,7 @@ row() {  # SHAPE LIMIT ARGS...  (later --steps/--warmup override the defaults he
   timeout "$limit" ${PIN:-} python bench/train_throughput.py run --model-dir "$models/$shape" --shape "$shape" --seq 2048 \
     --steps 12 --warmup 3 --out "$out" "$@" || echo "{\"failed\": \"$shape $*\", \"exit\": $?}" >> "$out"
 }
-case "${PART:?set PART=a … i, p, q, r, s, t, u, v, w, x or hf}" in
+case "${PART:?set PART=a … i, p, q, r, s, t, u, v, w, x, y or hf}" in
   a)
     for order in bare,default,inline bare,inline,default; do row 1b 120 --impl job --compare "$order"; done
     row 8b 150 --impl job --compare bare,inline,default ;;
@@ -130,6 +134,8 @@ case "${PART:?set PART=a … i, p, q, r, s, t, u, v, w, x or hf}" in
     for _ in 1 2; do row 1b 150 --steps 40 --warmup 8 --impl job --variant interleaved; done ;;
   x)
     for _ in 1 2; do row 1b 150 --steps 40 --warmup 8 --impl job --variant interleaved; done ;;
+  y)
+    for _ in 1 2 3 4; do row 1b 170 --steps 40 --warmup 8 --impl job --variant interleaved; done ;;
   s|t)
     for order in "unsloth job" "job unsloth" "unsloth job"; do
       for impl in $order; do row 1b 130 --steps 40 --warmup 8 --impl "$impl"; done

@@ -339,6 +339,28 @@ class HostClock:
                 "steal_fraction": round((steal1 - steal0) / (total1 - total0), 4) if total1 > total0 else None}
 
 
+def module_walk_ms(model) -> dict:
+    """What one walk of the model's module tree costs this host now, in ms (median of 21): nn.Module's own train()
+    and zero_grad(), and listing the parameters (what clipping model.parameters() starts with). transformers' loop
+    does all three every step; job's trainer, since session 14, once a run (job/train.py, ModuleWalksOnce)."""
+    import torch
+
+    mode = model.training
+    ms = {name: round(median_seconds(walk, 21) * 1000, 3) for name, walk in [
+        ("train", lambda: torch.nn.Module.train(model, mode)), ("zero_grad", lambda: torch.nn.Module.zero_grad(model)),
+        ("parameters", lambda: list(model.parameters()))]}
+    return {"modules": sum(1 for _ in model.modules()), **ms}
+
+
+def median_seconds(fn, reps: int) -> float:
+    spent = []
+    for _ in range(reps):
+        began = time.perf_counter()
+        fn()
+        spent.append(time.perf_counter() - began)
+    return statistics.median(spent)
+
+
 def host_probe() -> dict:
     """How fast this process's host is right now, apart from any training: a fixed pure-Python loop and a run of
     tiny CUDA kernel launches (a host-bound step is made of both), each the median of 7 timings, plus the CPU the
@@ -346,21 +368,13 @@ def host_probe() -> dict:
     from process to process, the host, not the implementation, sets it."""
     import torch
 
-    def timed(fn, reps=7):
-        spent = []
-        for _ in range(reps):
-            began = time.perf_counter()
-            fn()
-            spent.append(time.perf_counter() - began)
-        return statistics.median(spent)
-
     def interpreter():
         total = 0
         for i in range(200_000):
             total += i & 7
         return total
 
-    probe = {"python_loop_ms": round(timed(interpreter) * 1000, 2)}
+    probe = {"python_loop_ms": round(median_seconds(interpreter, 7) * 1000, 2)}
     if cuda():
         x = torch.zeros(1, device="cuda")
 
@@ -369,7 +383,7 @@ def host_probe() -> dict:
                 x.add_(1)
             torch.cuda.synchronize()
         launches(200)
-        probe["launch_us"] = round(timed(launches) / 2000 * 1e6, 2)
+        probe["launch_us"] = round(median_seconds(launches, 7) / 2000 * 1e6, 2)
     with open("/proc/self/stat") as fh:  # field 39 (after the parenthesised name): the CPU it last ran on
         probe["cpu"] = int(fh.read().rsplit(")", 1)[1].split()[36])
     probe["cpus_allowed"] = len(os.sched_getaffinity(0))
@@ -505,7 +519,7 @@ def run(args):
             **phases.report(), **collector.report(args.steps + window.count), "losses": [round(x, 4) for x in losses],
             **({"trainer": TRAINER_USED[0]} if args.impl == "job" and args.variant != "bare" else {}),
             **INTERLEAVED,
-            "host_probe_before": before, "host_probe_after": host_probe(),
+            "host_probe_before": before, "host_probe_after": host_probe(), "module_walk_ms": module_walk_ms(model),
         }
 
 

@@ -135,6 +135,42 @@ class WithoutFullAttentionMask:
         return batch
 
 
+class ModuleWalksOnce:
+    """While trl's loop trains: `model.train()` walks the module tree only when the model is not in training mode
+    already, and `model.zero_grad()` drops the trainable parameters' gradients, the only ones there are.
+
+    transformers calls both on every step, and each walks every module (1,337 of them for a 16-layer Llama with LoRA
+    on all 7 projections): about 2.3 and 1 ms a step on a 2-core host, where a 1B step at batch 2 is bound by the host.
+    The first `train()` always walks in full (a loaded model's wrapper can be in training mode over an inner model in
+    eval mode), and so does the first after an `eval()` (an evaluation). A submodule switched to eval mode by hand,
+    while the model itself stays in training mode, stays in eval mode until then."""
+
+    def __init__(self, model, trainable):
+        self.model, self.trainable, self.walked = model, trainable, False
+        self.kind = type(model)
+
+    def train(self, mode: bool = True):
+        if mode and self.walked and self.model.training:
+            return self.model
+        self.walked = bool(mode)
+        return self.kind.train(self.model, mode)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if not set_to_none:
+            return self.kind.zero_grad(self.model, set_to_none)
+        for parameter in self.trainable:
+            parameter.grad = None
+
+    def __enter__(self):
+        self.saved = {name: self.model.__dict__[name] for name in ("train", "zero_grad") if name in self.model.__dict__}
+        self.model.train, self.model.zero_grad = self.train, self.zero_grad
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.model.train, self.model.zero_grad
+        self.model.__dict__.update(self.saved)
+
+
 def _events_callback(metrics_path: Path, started: float):
     import torch
     from transformers import TrainerCallback
@@ -256,6 +292,27 @@ def _LeanSFTTrainer():
         def floating_point_ops(self, inputs):
             # The trainer's FLOP count walks every parameter of the model on each micro-batch; nothing reads it.
             return 0
+
+        _trainable = None  # the parameters that get gradients, listed once a train()
+
+        def train(self, *args, **kwargs):
+            self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+            try:
+                with ModuleWalksOnce(self.model, self._trainable):
+                    return super().train(*args, **kwargs)
+            finally:
+                self._trainable = None
+
+        def _clip_grad_norm(self, model):
+            # transformers clips model.parameters(), a walk of every module a step; the frozen ones have no gradient
+            # to clip. Sharded and sagemaker setups keep transformers' own path: theirs compare the list to the model's.
+            from accelerate.utils import DistributedType
+            from transformers.utils import is_sagemaker_mp_enabled
+
+            plain = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+            if self._trainable is None or not plain or is_sagemaker_mp_enabled() or self._has_mixed_mesh_grads(model):
+                return super()._clip_grad_norm(model)
+            return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
 
     return LeanSFTTrainer
 

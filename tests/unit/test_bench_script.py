@@ -44,6 +44,8 @@ def test_the_bench_runs_its_compare_sweep_and_profile_modes_on_the_cpu(tmp_path)
         # the training thread's CPU time for each of steps 2..6, whatever the logging interval
         assert len(row["cpu_ms_steps"]) == 5 and row["cpu_ms_per_step"] > 0, row
         assert 0 <= row["steal_fraction"] <= 1, row
+        walks = row["module_walk_ms"]  # one walk of the module tree, as transformers' loop does three times a step
+        assert walks["modules"] > 10 and min(walks["train"], walks["zero_grad"], walks["parameters"]) > 0, walks
         for probe in row["host_probe_before"], row["host_probe_after"]:
             assert probe["python_loop_ms"] > 0 and probe["cpus_allowed"] >= 1 and "launch_us" not in probe, probe
     assert all(r["steps_measured"] == 5 for r in got if r["variant"] != "log5")  # steps 2..6 after 1 warm-up

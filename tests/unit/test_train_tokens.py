@@ -111,3 +111,80 @@ def test_leaving_out_a_mask_of_ones_trains_exactly_as_with_it(tmp_path, smoke_to
     assert len(seen) >= 4 and not any(seen)
     assert len(runs["passed"]) == 4 and runs["passed"][-1][1] == 4 * 2 * 8
     assert runs["left out"] == runs["passed"]
+
+
+def test_module_walks_once_keeps_every_module_in_the_mode_it_asks_for():
+    from job.train import ModuleWalksOnce
+
+    model = tiny_lora_model(64)
+    model.base_model.eval()  # as a loaded model can be: its wrapper in training mode over an inner model in eval mode
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    leaf = model.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["default"]
+    with ModuleWalksOnce(model, trainable):
+        model.train()
+        assert all(m.training for m in model.modules())  # the first train() walks in full
+        leaf.training = False
+        model.train()
+        assert not leaf.training  # the model was in training mode: no walk
+        model.eval()
+        assert not any(m.training for m in model.modules())
+        model.train()
+        assert all(m.training for m in model.modules())  # the first train() after an eval() walks in full
+        for p in model.parameters():
+            p.grad = None if not p.requires_grad else p.detach().clone()
+        model.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+    assert "train" not in model.__dict__ and "zero_grad" not in model.__dict__
+
+
+def test_skipping_the_per_step_module_walks_trains_exactly_as_transformers_own_loop(tmp_path, smoke_tokenizer, monkeypatch):
+    """job's trainer walks the module tree once a run, not three times a step (train(), zero_grad(), the clip's
+    parameter list). LoRA dropout makes training mode matter, and the model starts half in eval mode: the losses,
+    gradient norms and token counts must be those of transformers' own loop."""
+    import datasets
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer
+
+    from job import train
+    from job.spec import TrainingSection
+
+    def model():
+        import torch
+
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(smoke_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+        peft_model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=4, lora_dropout=0.5,
+                                                                         target_modules=["q_proj", "v_proj", "down_proj"]))
+        peft_model.base_model.eval()  # as a loaded model can be: in training mode over an inner model in eval mode
+        return peft_model
+
+    rows = [list(range(10 + i, 18 + i)) for i in range(8)]
+    data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    training = TrainingSection(max_steps=4, batch_size=2, gradient_accumulation_steps=1, optim="adamw_torch",
+                               warmup_steps=0, max_seq_length=64, max_grad_norm=0.01)
+    lean = train._LeanSFTTrainer
+    walks = []
+
+    def walking():  # job's trainer with transformers' own train() and clipping
+        cls = lean()
+        return type("Walking", (cls,), {"train": cls.__mro__[1].train, "_clip_grad_norm": Trainer._clip_grad_norm})
+
+    runs = {}
+    for loop in ("job", "transformers"):
+        monkeypatch.setattr(train, "_LeanSFTTrainer", lean if loop == "job" else walking)
+        net = model()
+        leaf = net.base_model.model.model.layers[1].mlp.down_proj.lora_dropout["default"]
+        counted = type(leaf).train
+
+        def counting(mode=True, leaf=leaf, loop=loop):
+            walks.append(loop)
+            return counted(leaf, mode)
+        leaf.train = counting
+        (tmp_path / loop).mkdir()
+        result = train.run(net, smoke_tokenizer, data, training, tmp_path / loop, {"dtype": "float32", "backend": "hf"})
+        runs[loop] = [(r["step"], r["tokens"], r["loss"], r["grad_norm"]) for r in map(json.loads, result.metrics_path.read_text().splitlines())]
+        assert "train" not in net.__dict__ and "zero_grad" not in net.__dict__
+    assert len(runs["job"]) == 4 and all(r[3] > 0.01 for r in runs["job"])  # the norms were clipped
+    assert runs["job"] == runs["transformers"]
+    assert walks.count("transformers") >= 4 and walks.count("job") == 1
