@@ -147,22 +147,22 @@ class ModuleWalksOnce:
 
     def __init__(self, model, trainable):
         self.model, self.trainable, self.walked = model, trainable, False
-        self.kind = type(model)
 
     def train(self, mode: bool = True):
         if mode and self.walked and self.model.training:
             return self.model
         self.walked = bool(mode)
-        return self.kind.train(self.model, mode)
+        return self.walk(mode)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if not set_to_none:
-            return self.kind.zero_grad(self.model, set_to_none)
+            return self.clear(set_to_none)
         for parameter in self.trainable:
             parameter.grad = None
 
     def __enter__(self):
         self.saved = {name: self.model.__dict__[name] for name in ("train", "zero_grad") if name in self.model.__dict__}
+        self.walk, self.clear = self.model.train, self.model.zero_grad  # the model's own, whoever defined them
         self.model.train, self.model.zero_grad = self.train, self.zero_grad
         return self
 
