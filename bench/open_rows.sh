@@ -58,7 +58,7 @@
 #   PART=y: after x (ten processes of job's shipped path interleaved: median -4.1%, -2.3% on a host whose probe read
 #           6.5 ms, -6.9% on one that read 14 ms): job's trainer walks the module tree once a run instead of three
 #           times a step (job/train.py, ModuleWalksOnce; 4.4 ms a step on a 2-core CPU at 1,337 modules): interleaved,
-#           four times; each row carries the walks' cost on the host (module_walk_ms).
+#           four times (RUNS=n: n times); each row carries the walks' cost on the host (module_walk_ms).
 # Usage (GPU host, stack on PYTHONPATH): PART=a bash bench/open_rows.sh OUT.jsonl; PART=b TOKENIZER_DIR=… bash …
 set -uo pipefail
 out=${1:?usage: PART=a|b|c|d|e|f|g|h|i|p|q|r|s|t|u|v|w|x|y|hf open_rows.sh OUT.jsonl}
@@ -135,7 +135,7 @@ case "${PART:?set PART=a … i, p, q, r, s, t, u, v, w, x, y or hf}" in
   x)
     for _ in 1 2; do row 1b 150 --steps 40 --warmup 8 --impl job --variant interleaved; done ;;
   y)
-    for _ in 1 2 3 4; do row 1b 170 --steps 40 --warmup 8 --impl job --variant interleaved; done ;;
+    for _ in $(seq "${RUNS:-4}"); do row 1b 170 --steps 40 --warmup 8 --impl job --variant interleaved; done ;;
   s|t)
     for order in "unsloth job" "job unsloth" "unsloth job"; do
       for impl in $order; do row 1b 130 --steps 40 --warmup 8 --impl "$impl"; done
