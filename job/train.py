@@ -119,8 +119,8 @@ class WithoutFullAttentionMask:
     """trl's collator, leaving out an attention mask that masks nothing (a batch without padding, not packed).
 
     For a causal model no mask and a mask of ones are the same computation, but not the same cost: with the mask,
-    job's step at 1B batch 2 was 8% slower than the bare unsloth loop in the same process, and level with it
-    without (medians of four processes each, docs/benchmarks.md, session 13). The check runs where the batch is collated (a data loader worker, on the CPU),
+    job's step at 1B batch 2 was 8% slower than the bare unsloth loop in the same process (median of four processes,
+    docs/benchmarks.md, session 13). The check runs where the batch is collated (a data loader worker, on the CPU),
     so it costs the training process nothing. A padded batch keeps its mask; so does a packed one (with position_ids),
     where leaving it out would let unsloth infer the sequence boundaries and change what attends to what."""
 
@@ -140,7 +140,9 @@ class ModuleWalksOnce:
     already, and `model.zero_grad()` drops the trainable parameters' gradients, the only ones there are.
 
     transformers calls both on every step, and each walks every module (1,337 of them for a 16-layer Llama with LoRA
-    on all 7 projections): about 2.3 and 1 ms a step on a 2-core host, where a 1B step at batch 2 is bound by the host.
+    on all 7 projections): 1.5-2.9 ms for zero_grad() on the H200's host, where a 1B step at batch 2 is bound by the
+    host (docs/benchmarks.md, session 14). unsloth's patched training step already skips the train() walk; the hf
+    backend's does not.
     The first `train()` always walks in full (a loaded model's wrapper can be in training mode over an inner model in
     eval mode), and so does the first after an `eval()` (an evaluation). A submodule switched to eval mode by hand,
     while the model itself stays in training mode, stays in eval mode until then."""
