@@ -142,6 +142,7 @@ def test_skipping_the_per_step_module_walks_trains_exactly_as_transformers_own_l
     parameter list). LoRA dropout makes training mode matter, and the model starts half in eval mode: the losses,
     gradient norms and token counts must be those of transformers' own loop."""
     import datasets
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer
 
@@ -149,8 +150,6 @@ def test_skipping_the_per_step_module_walks_trains_exactly_as_transformers_own_l
     from job.spec import TrainingSection
 
     def model():
-        import torch
-
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=len(smoke_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
@@ -170,7 +169,7 @@ def test_skipping_the_per_step_module_walks_trains_exactly_as_transformers_own_l
         cls = lean()
         return type("Walking", (cls,), {"train": cls.__mro__[1].train, "_clip_grad_norm": Trainer._clip_grad_norm})
 
-    runs = {}
+    runs, trained = {}, {}
     for loop in ("job", "transformers"):
         monkeypatch.setattr(train, "_LeanSFTTrainer", lean if loop == "job" else walking)
         net = model()
@@ -184,7 +183,10 @@ def test_skipping_the_per_step_module_walks_trains_exactly_as_transformers_own_l
         (tmp_path / loop).mkdir()
         result = train.run(net, smoke_tokenizer, data, training, tmp_path / loop, {"dtype": "float32", "backend": "hf"})
         runs[loop] = [(r["step"], r["tokens"], r["loss"], r["grad_norm"]) for r in map(json.loads, result.metrics_path.read_text().splitlines())]
+        trained[loop] = [p.detach().clone() for p in net.parameters() if p.requires_grad]
         assert "train" not in net.__dict__ and "zero_grad" not in net.__dict__
     assert len(runs["job"]) == 4 and all(r[3] > 0.01 for r in runs["job"])  # the norms were clipped
     assert runs["job"] == runs["transformers"]
+    # the logged loss has 4 decimals: the adapters themselves must be equal, bit for bit
+    assert len(trained["job"]) == 12 and all(torch.equal(a, b) for a, b in zip(trained["job"], trained["transformers"]))
     assert walks.count("transformers") >= 4 and walks.count("job") == 1
