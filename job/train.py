@@ -143,6 +143,7 @@ class ModuleWalksOnce:
     on all 7 projections): 1.5-2.9 ms for zero_grad() on the H200's host, where a 1B step at batch 2 is bound by the
     host (docs/benchmarks.md, session 14). unsloth's patched training step already skips the train() walk; the hf
     backend's does not.
+
     The first `train()` always walks in full (a loaded model's wrapper can be in training mode over an inner model in
     eval mode), and so does the first after an `eval()` (an evaluation). A submodule switched to eval mode by hand,
     while the model itself stays in training mode, stays in eval mode until then."""
