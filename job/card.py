@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from job import verify
 from job.chat_templates import STOPS
 
 # Ollama's Go templates for the template families we know, written with only .System/.Prompt/.Response so a
@@ -84,6 +85,7 @@ def model_card(manifest_body: dict, files: list[str]) -> str:
     probes = "\n".join(
         f"- **{p['prompt']}** → {p.get('merged') or p.get('adapter')}" for p in manifest_body.get("probes", [])
     )
+    verification = "\n".join(verify.table(manifest_body.get("verification") or {}))
     gguf_lines = "\n".join(f"llama-cli -m {g} -cnv" for g in ggufs) or "(no GGUF exported)"
     loss_plot = "\n## Loss\n![loss](loss.png)\n" if "loss.png" in files else ""
     return f"""# {manifest_body['run_id']}
@@ -94,7 +96,15 @@ Fine-tuned with `job` (QLoRA/LoRA). Complete only when `manifest.json` sits next
 |---|---|
 {rows}
 {loss_plot}
-## Probe answers (greedy, verified before publishing)
+## Verification
+Each artifact was scored against its reference on the same tokens (the probes with the model's own answers, and
+held-out rows) before publishing: the mean KL divergence of its next-token distribution, and how often both pick
+the same top token. `job verify` runs the same gates again on the published files.
+```
+{verification}
+```
+
+## Probe answers (greedy, a sample to read; not a gate)
 {probes}
 
 ## How to run each artifact

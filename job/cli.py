@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import yaml
 
-from job import errors, log, spec as specs
+from job import errors, log, spec as specs, verify
 from job.storage import S3Settings, read_uri
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
@@ -172,6 +172,8 @@ def summary(result) -> str:
         f"  loss {train['first_loss']:.3f} → {train['final_loss']:.3f} over {train['steps']} steps "
         f"({train['backend']}, {train['precision']}, {train['seconds']} s)",
         f"  artifacts: adapter/, merged/{', gguf/ ' + ' '.join(m['export']['gguf_types']) if m['export']['gguf_types'] else ''}",
+        "  verified against its reference (teacher-forced KL divergence):",
+        *(f"    {row}" for row in verify.table(m.get("verification") or {})),
     ]
     for probe in m["probes"]:
         lines.append(f"  Q: {probe['prompt']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +30,10 @@ def save_adapter(model, tokenizer, out_dir: Path) -> Path:
     return adapter_dir
 
 
-def merge(base_path: Path, adapter_dir: Path, out_dir: Path, model: ModelSection) -> tuple[Path, str]:
-    """Merge the adapter into the 16-bit base weights (never into a dequantized 4-bit copy)."""
+def merge(base_path: Path, adapter_dir: Path, out_dir: Path, model: ModelSection,
+          before_merge: Callable | None = None) -> tuple[Path, str]:
+    """Merge the adapter into the 16-bit base weights (never into a dequantized 4-bit copy). `before_merge` sees the
+    adapter on the 16-bit base, unmerged: verification's references come from it without a second load of the base."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -42,7 +45,10 @@ def merge(base_path: Path, adapter_dir: Path, out_dir: Path, model: ModelSection
     base = AutoModelForCausalLM.from_pretrained(
         base_path, dtype=work_dtype, trust_remote_code=model.trust_remote_code, use_safetensors=True, device_map=device
     )
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    unmerged = PeftModel.from_pretrained(base, adapter_dir)
+    if before_merge is not None:
+        before_merge(unmerged)
+    merged = unmerged.merge_and_unload()
     # The dtype the checkpoint declares: the loaded model's config says work_dtype by now. float32 bases save as bf16.
     config = read_config(base_path)
     save_dtype = torch.float16 if (config.get("dtype") or config.get("torch_dtype")) == "float16" else torch.bfloat16

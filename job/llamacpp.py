@@ -1,4 +1,5 @@
-"""The pinned llama.cpp tools: converter, llama-quantize and llama-completion, built ahead of time.
+"""The pinned llama.cpp tools, built ahead of time: the converter, llama-quantize, llama-completion, llama-perplexity
+(its KL-divergence mode) and llama-tokenize.
 
 The image builds them at image build time (docker/Dockerfile); developer and CI machines build them once
 into a cache with docker/build-llama-cpp.sh. Nothing is cloned or compiled while a job runs.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,10 +42,18 @@ class Tools:
     def completion(self) -> Path:
         return self.home / "bin" / "llama-completion"
 
+    @property
+    def perplexity(self) -> Path:
+        return self.home / "bin" / "llama-perplexity"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.home / "bin" / "llama-tokenize"
+
 
 def locate(home: Path) -> Tools:
     tools = Tools(home, "")
-    missing = [p for p in (tools.converter, tools.quantize, tools.completion) if not p.exists()]
+    missing = [p for p in (tools.converter, tools.quantize, tools.completion, tools.perplexity, tools.tokenizer) if not p.exists()]
     if missing:
         raise ToolMissingError(
             f"llama.cpp tools not found in {home} (missing {', '.join(p.name for p in missing)})",
@@ -107,10 +117,10 @@ def _failure(what: str, returncode: int, tail: str) -> JobError:
     return VerificationError(f"{what} failed with exit code {returncode}: {tail}")
 
 
-def convert(tools: Tools, checkpoint: Path, out_file: Path, outtype: str = "bf16") -> None:
+def convert(tools: Tools, checkpoint: Path, out_file: Path, outtype: str = "bf16", vocab_only: bool = False) -> None:
     env = dict(os.environ, PYTHONPATH=str(tools.home / "gguf-py"), NO_LOCAL_GGUF="")
-    _run([sys.executable, str(tools.converter), str(checkpoint), "--outfile", str(out_file), "--outtype", outtype],
-         "convert_hf_to_gguf.py", env=env)
+    _run([sys.executable, str(tools.converter), str(checkpoint), "--outfile", str(out_file), "--outtype", outtype,
+          *(["--vocab-only"] if vocab_only else [])], "convert_hf_to_gguf.py", env=env)
 
 
 def quantize(tools: Tools, source: Path, target: Path, qtype: str, threads: int) -> None:
@@ -134,3 +144,41 @@ def complete(tools: Tools, gguf: Path, prompt: str, max_tokens: int, threads: in
         os.unlink(prompt_file)
     text = proc.stdout.strip()
     return text.removesuffix(END_MARKER).rstrip(), text.endswith(END_MARKER)
+
+
+def tokenize(tools: Tools, gguf: Path, text: str) -> list[int]:
+    """The token ids llama.cpp gives a text, special tokens parsed, no BOS added (the text carries what it needs)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as fh:
+        fh.write(text)
+        text_file = fh.name
+    try:
+        proc = _run([str(tools.tokenizer), "-m", str(gguf), "-f", text_file, "--ids", "--no-bos", "--no-escape",
+                     "--log-disable"], f"llama-tokenize on {gguf.name}", timeout=600)
+    finally:
+        os.unlink(text_file)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_KLD_LINES = {
+    "mean_kld": re.compile(r"^Mean\s+KLD:\s*(\S+)", re.M),
+    "max_kld": re.compile(r"^Maximum KLD:\s*(\S+)", re.M),
+    "p99_kld": re.compile(r"^99\.0%\s+KLD:\s*(\S+)", re.M),
+    "same_top_rate": re.compile(r"^Same top p:\s*(\S+)", re.M),
+}
+
+
+def kl_divergence(tools: Tools, gguf: Path, base: Path, window: int, threads: int) -> dict[str, float]:
+    """llama-perplexity's KL-divergence mode: the GGUF scored on the tokens of a reference file (verify.write_kld_base)
+    against the reference's log-probabilities. Its summary, as numbers (NaN where the model produced NaN)."""
+    proc = _run([str(tools.perplexity), "-m", str(gguf), "--kl-divergence-base", str(base), "--kl-divergence",
+                 "-c", str(window), "-b", str(max(window, 2048)), "-t", str(threads)],
+                f"llama-perplexity --kl-divergence on {gguf.name}", timeout=3 * 3600)
+    text = proc.stdout + proc.stderr
+    figures = {}
+    for name, pattern in _KLD_LINES.items():
+        found = pattern.search(text)
+        if not found:
+            raise VerificationError(f"llama-perplexity on {gguf.name} printed no {name}: {text[-1500:]}")
+        figures[name] = float(found.group(1))
+    figures["same_top_rate"] /= 100
+    return figures

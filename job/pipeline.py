@@ -1,6 +1,6 @@
 """`job run`: the stages a user names, top to bottom.
 
-resolve spec (cli.py) → fetch model → load data → train → export → verify → publish
+resolve spec (cli.py) → fetch model → load data → preflight → train → export → verify → publish
 """
 
 from __future__ import annotations
@@ -304,6 +304,12 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
             dataset, eval_dataset = parts["train"], parts["test"]
             data_stats["eval"] = {"rows": len(eval_dataset), "from": "data.eval_split"}
 
+    vocab = None
+    if tools and process.is_main:
+        with stage("preflight", timings), _current(current, "preflight"):
+            texts = verify.preflight_texts(tokenizer, spec.export.probes, eval_dataset if eval_dataset is not None else dataset)
+            vocab = verify.preflight(tools, fetched.path, tokenizer, texts, work / "preflight")
+
     with stage("train", timings), _current(current, "train"):
         # `auto` fields resolved once; a resumed run keeps what its checkpoint was trained with.
         resolved = _resumed_settings(resume, spec, backend_name, capability) if resume else None
@@ -340,6 +346,8 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
         backend.for_inference(peft_model)
         report = verify.ProbeReport(spec.export.probes, max_new_tokens=spec.export.probe_max_new_tokens)
         verify.answer_with_adapter(peft_model, tokenizer, report)
+        evaluation = verify.evaluation_set(tokenizer, report, eval_dataset if eval_dataset is not None else dataset,
+                                           vocab.bos_id if vocab and vocab.add_bos else None)
 
     with stage("export", timings), _current(current, "export"):
         exported = export.Exported(adapter_dir=export.save_adapter(peft_model, tokenizer, staging))
@@ -347,8 +355,11 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+        references = []  # computed on the adapter over the 16-bit base while the merge has it loaded
         if spec.export.merged:
-            exported.merged_dir, exported.merge_method = export.merge(fetched.path, exported.adapter_dir, staging, spec.model)
+            exported.merged_dir, exported.merge_method = export.merge(
+                fetched.path, exported.adapter_dir, staging, spec.model,
+                before_merge=lambda unmerged: references.append(verify.references(unmerged, evaluation)))
         if tools:
             exported.gguf = export.to_gguf(tools, exported.merged_dir, staging, spec.export.gguf, stem=run_id)
             family = card.template_family(tokenizer.chat_template, template)
@@ -357,15 +368,12 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
             (staging / "gguf" / "Modelfile").write_text(card.modelfile(first, family, system))
 
     with stage("verify", timings), _current(current, "verify"):
-        if exported.merged_dir:
-            probes, limit, trust = spec.export.probes, spec.export.probe_max_new_tokens, spec.model.trust_remote_code
-            report.put("adapter_on_16bit_base", *verify.answer_with_checkpoint(fetched.path, probes, limit, trust,
-                                                                                exported.adapter_dir))
-            report.put("merged", *verify.answer_with_checkpoint(exported.merged_dir, probes, limit, trust))
-        for qtype, path in exported.gguf.items():
-            report.put(f"gguf_{qtype}", *verify.answer_with_gguf(tools, path, tokenizer, spec.export.probes,
-                                                                   spec.export.probe_max_new_tokens))
-        verify.check(report, tokenizer)
+        verification = verify.Verification(evaluation)
+        if references:
+            verification = verify.verify_artifacts(evaluation, references[0], exported.merged_dir, exported.gguf, tools,
+                                                   tokenizer, work / "verify", spec.model.trust_remote_code, report)
+        verify.save_evaluation(evaluation, staging)
+        verification.raise_for_failures()
 
     with stage("publish", timings), _current(current, "publish"):
         body = {
@@ -379,8 +387,8 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
                          "peak_gpu_memory_gib": result.peak_gpu_memory_gib},
             "export": {"merge_method": exported.merge_method, "gguf_types": list(exported.gguf),
                        "llama_cpp": {"commit": tools.commit, "source": llamacpp.SOURCE} if tools else None},
+            "verification": verification.as_dict(),
             "probes": report.as_dict(),
-            "checks": report.checks,
             "versions": publish.package_versions(),
             "timings_seconds": timings,
         }

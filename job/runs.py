@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
+from job import verify
 from job.errors import NotFoundError
 from job.publish import MANIFEST
 from job.storage import LocalStorage, S3Settings, S3Storage, open_location
@@ -211,11 +212,9 @@ def describe(run: Run) -> str:
         f"  training: {training.get('backend')} {training.get('precision')} · loss {_loss(training.get('first_loss'))} → "
         f"{_loss(training.get('final_loss'))} · {training.get('seconds')} s · {training.get('tokens_per_second')} tok/s",
     ]
-    checks = manifest.get("checks") or []
-    if checks:
-        failed = [c for c in checks if not c.get("passed")]
-        lines.append(f"  checks: {len(checks) - len(failed)}/{len(checks)} passed"
-                     + "".join(f"\n    FAILED {c.get('artifact')}: {c.get('gate')} ({c.get('prompt')})" for c in failed))
+    if verification := manifest.get("verification"):
+        lines.append("  verification:")
+        lines += [f"    {row}" for row in verify.table(verification)]
     for probe in manifest.get("probes") or []:
         lines.append(f"  Q: {probe.get('prompt')}")
         lines += [f"    {key}: {value}" for key, value in probe.items() if key not in ("prompt", "stopped")]
