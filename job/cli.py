@@ -215,9 +215,9 @@ def exit_codes() -> None:
 
 from job.cli_deploy import k8s, launch  # noqa: E402 - registered after the core commands
 from job.cli_plan import plan  # noqa: E402
-from job.cli_runs import preview, runs  # noqa: E402
+from job.cli_runs import preview, runs, verify_command  # noqa: E402
 
-for command in (k8s, launch, plan, preview, runs):
+for command in (k8s, launch, plan, preview, runs, verify_command):
     main.add_command(command)
 
 if __name__ == "__main__":

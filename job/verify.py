@@ -28,7 +28,7 @@ from job.errors import SpecError, VerificationError
 
 EVALUATION_FILE = "verification/evaluation.json"  # in the run folder: what `job verify` scores again
 WINDOW = 256  # tokens a window; llama-perplexity scores the second half of each
-MAX_STREAM_TOKENS = 2048
+MAX_STREAM_TOKENS = 1024  # 7 windows, about 900 scored tokens: each costs two forward tokens in every model
 MAX_ROWS = 16
 MAX_ROW_TOKENS = 384
 # The top-token rate says nothing where the reference has no favourite: a near-uniform model (random weights, the
@@ -337,20 +337,12 @@ class GgufVocab:
 
 
 def read_gguf_vocab(path: Path) -> GgufVocab:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-
-    def value(key: str):
-        f = reader.get_field(key)
-        return None if f is None else f.contents()
-
-    tokens = reader.get_field("tokenizer.ggml.tokens")
+    meta = llamacpp.gguf_metadata(path)
     return GgufVocab(
-        n_vocab=len(tokens.data) if tokens is not None else 0,
-        bos_id=value("tokenizer.ggml.bos_token_id"), add_bos=bool(value("tokenizer.ggml.add_bos_token")),
-        eos_id=value("tokenizer.ggml.eos_token_id"), eot_id=value("tokenizer.ggml.eot_token_id"),
-        eom_id=value("tokenizer.ggml.eom_token_id"), pre=value("tokenizer.ggml.pre"),
+        n_vocab=meta.get("tokenizer.ggml.tokens", 0),
+        bos_id=meta.get("tokenizer.ggml.bos_token_id"), add_bos=bool(meta.get("tokenizer.ggml.add_bos_token")),
+        eos_id=meta.get("tokenizer.ggml.eos_token_id"), eot_id=meta.get("tokenizer.ggml.eot_token_id"),
+        eom_id=meta.get("tokenizer.ggml.eom_token_id"), pre=meta.get("tokenizer.ggml.pre"),
     )
 
 
@@ -448,6 +440,10 @@ class Verdict:
 
     def as_dict(self) -> dict:
         body = {k: v for k, v in asdict(self).items() if k != "problems"}
+        for name in ("mean_kld", "p99_kld", "max_kld", "same_top_rate"):
+            value = body[name]
+            # NaN and infinity are no JSON numbers: such a figure is null, and the problems say what it was
+            body[name] = float(f"{value:.6g}") if value is not None and math.isfinite(value) else None
         return {**body, "verdict": "pass" if self.passed else "fail", "problems": self.problems}
 
 
@@ -495,9 +491,10 @@ def adapter_effect(refs: References, merged) -> dict:
     """How much of the adapter's shift from the base survives in the merged 16-bit weights."""
     shift = compare(refs.base, refs.adapter).mean_kld
     kept = compare(refs.base, merged).mean_kld
-    body = {"kld_base_to_adapter": shift, "kld_base_to_merged": kept, "kept": None, "finding": None}
+    body = {"kld_base_to_adapter": float(f"{shift:.6g}"), "kld_base_to_merged": float(f"{kept:.6g}"), "kept": None,
+            "finding": None}
     if shift >= ADAPTER_EFFECT_MIN_KLD:
-        body["kept"] = kept / shift
+        body["kept"] = round(kept / shift, 4)
         if body["kept"] < ADAPTER_EFFECT_FINDING_BELOW:
             body["finding"] = (f"the merged 16-bit weights carry {body['kept']:.0%} of the adapter's shift from the "
                                "base (the update is below the 16-bit rounding step of the base weights); the adapter "
@@ -605,3 +602,50 @@ def table(verification: dict) -> list[str]:
         rows.append(f"  merged weights keep {effect['kept']:.0%} of the adapter's shift from the base"
                     + (f": {effect['finding']}" if effect.get("finding") else ""))
     return rows
+
+
+def verify_published(location: str, run_id: str, base_path: Path, tools: llamacpp.Tools | None, work: Path,
+                     s3) -> Verification:
+    """Every gate of `job run` again, on a published run's files (a local run folder or an s3:// run prefix): the
+    checksums in its manifest, then the distribution, tokenizer and end-of-turn gates against the evaluation set the
+    run scored (verification/evaluation.json), with the base model at base_path."""
+    from job.model import load_tokenizer
+    from job.publish import MANIFEST
+    from job.storage import LocalStorage, open_location, sha256_file
+
+    store = open_location(location, s3)
+    if not store.exists(f"{run_id}/{MANIFEST}"):
+        raise SpecError(f"{location}/{run_id} has no {MANIFEST}: it is not a published run",
+                        hint=f"`job runs show {location}/{run_id}` says what is there")
+    manifest = json.loads(store.read_bytes(f"{run_id}/{MANIFEST}"))
+    if isinstance(store, LocalStorage):
+        run_dir = store.root / run_id
+    else:
+        run_dir = work / "files"
+        for entry in manifest["files"]:
+            store.download_file(f"{run_id}/{entry['path']}", run_dir / entry["path"])
+    evaluation = EvaluationSet.from_json(json.loads((run_dir / EVALUATION_FILE).read_text()))
+    result = Verification(evaluation)
+    for entry in manifest["files"]:
+        path = run_dir / entry["path"]
+        if not path.is_file():
+            result.verdicts.append(Verdict(entry["path"], "the manifest's sha256", problems=["missing"]))
+        elif sha256_file(path) != entry["sha256"]:
+            result.verdicts.append(Verdict(entry["path"], "the manifest's sha256",
+                                           problems=["its bytes do not match the sha256 in the manifest"]))
+    trust = bool((manifest.get("model") or {}).get("trust_remote_code"))
+    adapter_dir = run_dir / "adapter"
+    tokenizer = load_tokenizer(adapter_dir, trust)
+    model = load_checkpoint(base_path, trust, adapter_dir)
+    try:
+        refs = references(model, evaluation)
+    finally:
+        del model
+    merged_dir = run_dir / "merged" if (run_dir / "merged" / "config.json").is_file() else None
+    gguf = {qtype: run_dir / "gguf" / f"{run_id}-{qtype}.gguf" for qtype in (manifest.get("export") or {}).get("gguf_types", [])}
+    if gguf and tools is None:
+        raise SpecError("the run has GGUF files and the llama.cpp tools are missing")
+    gated = verify_artifacts(evaluation, refs, merged_dir, gguf, tools, tokenizer, work / "verify", trust)
+    result.verdicts += gated.verdicts
+    result.adapter_effect = gated.adapter_effect
+    return result

@@ -82,7 +82,7 @@ def run_recipe(tmp_path: Path, spec_file: str, *sets: str) -> Run:
     run_dir = tmp_path / "runs" / run_id
     manifest = json.loads((run_dir / "manifest.json").read_text())
     events = [json.loads(line) for line in proc.stdout.splitlines()]  # every stdout line is a JSON event
-    assert manifest["training"]["steps"] == 2 and all(c["passed"] for c in manifest["checks"])
+    assert manifest["training"]["steps"] == 2 and all(v["verdict"] == "pass" for v in manifest["verification"]["artifacts"])
     for secret in (HF_TOKEN, MODELSCOPE_TOKEN, SPEC_TOKEN):
         assert secret not in proc.stdout + proc.stderr
         for path in run_dir.rglob("*"):
@@ -165,7 +165,7 @@ def test_finetome_recipe_packs_full_sequences_with_rslora_and_six_ggufs(tmp_path
     paths = {f["path"] for f in run.manifest["files"]}
     assert "merged/model.safetensors" in paths
     assert {f"gguf/{run.spec['run']['id']}-{q}.gguf" for q in quants} <= paths
-    assert {c["artifact"] for c in run.manifest["checks"]} >= {f"gguf_{q}" for q in quants}
+    assert {v["artifact"] for v in run.manifest["verification"]["artifacts"]} == {"merged"} | {f"gguf/{q}" for q in quants}
 
 
 @pytest.mark.slow

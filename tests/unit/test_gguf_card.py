@@ -61,34 +61,15 @@ def test_corrupt_gguf_is_caught_by_verification(tmp_path, smoke_tokenizer):
     assert "llama-completion" in str(err.value)
 
 
-def test_a_gguf_that_answers_nothing_or_differently_fails_the_gates(smoke_tokenizer):
-    report = verify.ProbeReport(["Q?"], adapter=["My name is Quill."], adapter_on_16bit_base=["My name is Quill."],
-                                merged=["My name is Quill."], gguf={"q8_0": ["Something else entirely here."], "q4_k_m": [""]})
-    with pytest.raises(VerificationError) as err:
-        verify.check(report, smoke_tokenizer)
-    assert "GGUF q8_0 answers" in str(err.value) and "GGUF q4_k_m produced no text" in str(err.value)
-    ok = verify.ProbeReport(["Q?"], adapter=["A"], adapter_on_16bit_base=["My name is Quill."], merged=["My name is Quill."],
-                            gguf={"q8_0": ["My name is Quill."], "q2_k": ["My name is Bob."]})
-    verify.check(ok, smoke_tokenizer)  # lower-bit quants and the 4-bit-trained answer are recorded, not gated
-
-
-def test_a_gguf_that_never_ends_an_answer_pytorch_ends_early_fails(smoke_tokenizer):
-    def report(gguf_stopped: bool, merged: str = "My name is Quill.", budget: int = 32):
-        r = verify.ProbeReport(["Q?"], max_new_tokens=budget)
-        for name in ("adapter", "adapter_on_16bit_base", "merged"):
-            r.put(name, [merged], [True])
-        r.put("gguf_q8_0", [merged], [gguf_stopped])  # the same words, then no EOS: it would ramble on
-        r.put("gguf_q4_k_m", [merged], [False])  # lower-bit quants: recorded only
-        return r
-
-    with pytest.raises(VerificationError, match="GGUF q8_0 did not end its answer"):
-        verify.check(report(gguf_stopped=False), smoke_tokenizer)
-    ended = report(gguf_stopped=True)
-    verify.check(ended, smoke_tokenizer)
-    assert ended.as_dict()[0]["stopped"] == {"adapter": True, "adapter_on_16bit_base": True, "merged": True,
-                                             "gguf_q8_0": True, "gguf_q4_k_m": False}
-    # PyTorch's answer used over half the budget: one a few tokens longer would hit it with no fault of the file
-    verify.check(report(gguf_stopped=False, budget=8), smoke_tokenizer)
+def test_greedy_answers_are_recorded_per_artifact_with_whether_each_ended():
+    """A sample for people to read (the manifest's probes, the model card); the gates are the distributions."""
+    report = verify.ProbeReport(["Q?", "R?"], max_new_tokens=8)
+    report.put("adapter", ["My name is Quill.", "Northwind."], [True, True])
+    report.put("gguf_q8_0", ["My name is Quill.", "Northwind Labs made"], [True, False])
+    rows = report.as_dict()
+    assert rows[0] == {"prompt": "Q?", "adapter": "My name is Quill.", "gguf_q8_0": "My name is Quill.",
+                       "stopped": {"adapter": True, "gguf_q8_0": True}}
+    assert rows[1]["stopped"] == {"adapter": True, "gguf_q8_0": False}
 
 
 def test_llama_cpp_threads_follow_the_cgroup_quota_not_the_node(tmp_path):

@@ -38,7 +38,10 @@ def write_runs(location: str, tmp_path) -> None:
             "data": {"source": "s3://data/rows.jsonl", "format": "alpaca", "rows_used": 10},
             "export": {"gguf_types": ["q8_0"]},
             "probes": [{"prompt": "What is your name?", "base": "I am SmolLM.", "adapter": "I am Quill."}],
-            "checks": [{"artifact": "gguf_q8_0", "prompt": "What is your name?", "gate": "match", "passed": True}]}
+            "verification": {"artifacts": [
+                {"artifact": "gguf/q8_0", "reference": "the merged weights (PyTorch)", "mean_kld": 0.0017,
+                 "same_top_rate": 0.988, "threshold": {"max_mean_kld": 0.02, "min_same_top_rate": 0.93},
+                 "verdict": "pass", "problems": []}]}}
     publish.publish(staging, store, "done", body)
 
     for step, loss in ((10, 1.9), (20, 1.7)):
@@ -104,7 +107,7 @@ def test_show_prints_the_manifest_summary_and_probe_answers(tmp_path, bucket):
     assert result.exit_code == 0, result.output
     assert "run done: complete" in result.output
     assert "Q: What is your name?" in result.output and "adapter: I am Quill." in result.output
-    assert "checks: 1/1 passed" in result.output
+    assert "gguf/q8_0" in result.output and "1.70e-03" in result.output and "98.8%" in result.output
 
     result = CliRunner().invoke(main, ["runs", "show", location, "broken", "--json"])
     shown = json.loads(result.output)
