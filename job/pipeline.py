@@ -370,8 +370,9 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
     with stage("verify", timings), _current(current, "verify"):
         verification = verify.Verification(evaluation)
         if references:
-            verification = verify.verify_artifacts(evaluation, references[0], exported.merged_dir, exported.gguf, tools,
-                                                   tokenizer, work / "verify", spec.model.trust_remote_code, report)
+            verification = verify.verify_artifacts(evaluation, references[0], fetched.path, exported.adapter_dir,
+                                                   exported.merged_dir, exported.gguf, tools, tokenizer, work / "verify",
+                                                   spec.model.trust_remote_code, report)
         verify.save_evaluation(evaluation, staging)
         verification.raise_for_failures()
 

@@ -432,6 +432,7 @@ class Verdict:
     tokens: int | None = None
     threshold: dict = field(default_factory=dict)
     same_top_gated: bool = True
+    weights: dict | None = None  # merged only: the weights against base + adapter, recomputed
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -502,9 +503,81 @@ def adapter_effect(refs: References, merged) -> dict:
     return body
 
 
+MERGE_TOLERANCE_STEPS = 2  # 16-bit rounding steps a merged weight may be off: the merge's own math on a GPU rounds twice
+MERGE_TOLERANCE_SHARE = 1e-4  # of a tensor's weights beyond that: cancellation (W ≈ -update) leaves a few
+
+
+def _safetensors(folder: Path) -> dict[str, Path]:
+    """Tensor name → the file of a (sharded or not) safetensors checkpoint that holds it."""
+    from safetensors import safe_open
+
+    where = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as fh:
+            where.update({key: path for key in fh.keys()})  # noqa: SIM118 - safe_open has no __iter__
+    return where
+
+
+def merged_weight_problems(base_path: Path, adapter_dir: Path, merged_dir: Path) -> tuple[dict, list[str]]:
+    """The merged weights against the merge recomputed from the files: base + scale * B @ A for every adapted
+    projection, the base's own tensor everywhere else, each within MERGE_TOLERANCE_STEPS 16-bit steps. Rounding to
+    16 bits cannot zero a tensor or double an update; a broken merge or a damaged file does. Tensors are read one at a
+    time, so this holds one tensor of each checkpoint in memory, never a model."""
+    import torch
+    from safetensors import safe_open
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        return {"checked": 0, "skipped": "only plain LoRA adapters are recomputed"}, []
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    adapter: dict[str, dict[str, object]] = {}
+    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as fh:
+        for key in fh.keys():  # noqa: SIM118
+            module, _, rest = key.removeprefix("base_model.model.").partition(".lora_")
+            adapter.setdefault(f"{module}.weight", {})[rest.split(".")[0]] = fh.get_tensor(key)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base_files, merged_files = _safetensors(base_path), _safetensors(merged_dir)
+    figures = {"checked": 0, "adapted": 0, "worst_tensor": None, "worst_steps": 0.0, "tensors_off": []}
+    missing = sorted(set(base_files) - set(merged_files))
+    for name, merged_file in merged_files.items():
+        if name not in base_files:
+            continue  # a tied head saved apart, or a name the base spells differently: nothing to recompute from
+        with safe_open(base_files[name], "pt", device=device) as fb, safe_open(merged_file, "pt", device=device) as fm:
+            expected, got = fb.get_tensor(name).float(), fm.get_tensor(name)
+        step_bits = 10 if got.dtype == torch.float16 else 7
+        if name in adapter and {"A", "B"} <= set(adapter[name]):
+            a, b = (adapter[name][k].to(device, torch.float32) for k in ("A", "B"))
+            expected = expected + scale * (b @ a)
+            figures["adapted"] += 1
+        steps = (got.float() - expected).abs() / (expected.abs() * 2.0 ** -step_bits).clamp(min=1e-30)
+        worst = steps.max().item()
+        off = (steps > MERGE_TOLERANCE_STEPS).float().mean().item()
+        figures["checked"] += 1
+        if worst > figures["worst_steps"]:
+            figures["worst_tensor"], figures["worst_steps"] = name, round(worst, 2)
+        if off > MERGE_TOLERANCE_SHARE:
+            figures["tensors_off"].append({"tensor": name, "share_off": round(off, 6)})
+    problems = []
+    if figures["tensors_off"]:
+        shown = ", ".join(f"{t['tensor']} ({t['share_off']:.1%})" for t in figures["tensors_off"][:3])
+        problems.append(f"{len(figures['tensors_off'])} tensor(s) differ from base + adapter by more than "
+                        f"{MERGE_TOLERANCE_STEPS} 16-bit steps: {shown}")
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) of the base are missing: {', '.join(missing[:3])}")
+    if figures["adapted"] == 0 and adapter:
+        problems.append("no adapted projection of the adapter was found among the merged tensors")
+    figures["tensors_off"] = figures["tensors_off"][:10]
+    return figures, problems
+
+
 def check_merged(merged_dir: Path, refs: References, evaluation: EvaluationSet, result: Verification,
-                 trust_remote_code: bool, tokenizer, report: ProbeReport | None):
-    """The merged weights as saved, against the adapter on the same 16-bit base; returns their log-probs."""
+                 trust_remote_code: bool, tokenizer, report: ProbeReport | None, base_path: Path, adapter_dir: Path):
+    """The merged weights as saved, against the adapter on the same 16-bit base; returns their log-probs.
+
+    Two gates. The weights: each must be the base plus the adapter's update, rounded to 16 bits. The distribution:
+    no further from the adapter than the base itself is (plus THRESHOLDS["merged"]): where the update is smaller than
+    16-bit rounding, the merged weights answer like the base, which is a finding (adapter_effect), not a failure."""
     model = load_checkpoint(merged_dir, trust_remote_code)
     try:
         merged = log_probs(model, evaluation)
@@ -512,8 +585,19 @@ def check_merged(merged_dir: Path, refs: References, evaluation: EvaluationSet, 
             report.put("merged", *generate(model, tokenizer, report.probes, report.max_new_tokens))
     finally:
         del model
-    result.verdicts.append(judge(Verdict("merged", "the adapter on the 16-bit base"), compare(refs.adapter, merged),
-                                 confidence(refs.adapter)))
+    figures = compare(refs.adapter, merged)
+    verdict = Verdict("merged", "the adapter on the 16-bit base")
+    verdict.mean_kld, verdict.p99_kld, verdict.max_kld = figures.mean_kld, figures.p99_kld, figures.max_kld
+    verdict.same_top_rate, verdict.tokens, verdict.same_top_gated = figures.same_top_rate, figures.tokens, False
+    base_distance = compare(refs.adapter, refs.base).mean_kld
+    limit = base_distance + THRESHOLDS["merged"].max_mean_kld
+    verdict.threshold = {"max_mean_kld": float(f"{limit:.6g}"), "min_same_top_rate": None}
+    if not figures.mean_kld <= limit:
+        verdict.problems.append(f"mean KL divergence from the adapter {figures.mean_kld:.4g} > {limit:.4g} (the base "
+                                f"itself is {base_distance:.4g} from it, plus {THRESHOLDS['merged'].max_mean_kld})")
+    verdict.weights, weight_problems = merged_weight_problems(base_path, adapter_dir, merged_dir)
+    verdict.problems += weight_problems
+    result.verdicts.append(verdict)
     result.adapter_effect = adapter_effect(refs, merged)
     if result.adapter_effect["finding"]:
         log.get().warning("verify.precision_loss", **result.adapter_effect)
@@ -554,15 +638,16 @@ def load_checkpoint(path: Path, trust_remote_code: bool, adapter_dir: Path | Non
     return model
 
 
-def verify_artifacts(evaluation: EvaluationSet, refs: References, merged_dir: Path | None, gguf: dict[str, Path],
-                     tools: llamacpp.Tools | None, tokenizer, work: Path, trust_remote_code: bool,
-                     report: ProbeReport | None = None) -> Verification:
+def verify_artifacts(evaluation: EvaluationSet, refs: References, base_path: Path, adapter_dir: Path,
+                     merged_dir: Path | None, gguf: dict[str, Path], tools: llamacpp.Tools | None, tokenizer, work: Path,
+                     trust_remote_code: bool, report: ProbeReport | None = None) -> Verification:
     """Every gate on every artifact, and each artifact's greedy answers into `report` where one is given. The caller
     raises on failures (Verification.raise_for_failures), once the figures are recorded."""
     result = Verification(evaluation)
     reference = refs.adapter
     if merged_dir is not None:
-        reference = check_merged(merged_dir, refs, evaluation, result, trust_remote_code, tokenizer, report)
+        reference = check_merged(merged_dir, refs, evaluation, result, trust_remote_code, tokenizer, report,
+                                 base_path, adapter_dir)
     if gguf:
         work.mkdir(parents=True, exist_ok=True)
         kld_base = work / "reference.kld"
@@ -590,12 +675,17 @@ def table(verification: dict) -> list[str]:
     rows = [f"{'artifact':<12} {'reference':<32} {'mean KLD':>10} {'same top':>9} {'threshold':>18}  verdict"]
     for v in verification.get("artifacts") or []:
         limit = v.get("threshold") or {}
-        bound = (f"≤{limit['max_mean_kld']:g} / ≥{limit['min_same_top_rate']:.0%}" if limit else "-")
-        top = number(v.get("same_top_rate"), ".1%") + ("" if v.get("same_top_gated", True) else "*")
+        top_bound = f"≥{limit['min_same_top_rate']:.0%}" if limit.get("min_same_top_rate") is not None else "-"
+        bound = f"≤{limit['max_mean_kld']:.3g} / {top_bound}" if limit else "-"
+        top = number(v.get("same_top_rate"), ".1%")
+        top += "" if v.get("same_top_gated", True) or v["artifact"] == "merged" else "*"
         rows.append(f"{v['artifact']:<12} {v['reference']:<32} {number(v.get('mean_kld'), '.2e'):>10} {top:>9} "
                     f"{bound:>18}  {v['verdict']}")
+        if weights := v.get("weights"):
+            rows.append(f"    weights: {weights.get('checked', 0)} tensors against base + adapter, "
+                        f"{weights.get('adapted', 0)} adapted; worst {weights.get('worst_steps', 0)} 16-bit steps off")
         rows += [f"    {problem}" for problem in v.get("problems") or []]
-    if any(not v.get("same_top_gated", True) for v in verification.get("artifacts") or []):
+    if any(not v.get("same_top_gated", True) and v["artifact"] != "merged" for v in verification.get("artifacts") or []):
         rows.append(f"  * not gated: the reference's mean top-token probability is below {SAME_TOP_MIN_CONFIDENCE}")
     effect = verification.get("adapter_effect") or {}
     if effect.get("kept") is not None:
@@ -645,7 +735,8 @@ def verify_published(location: str, run_id: str, base_path: Path, tools: llamacp
     gguf = {qtype: run_dir / "gguf" / f"{run_id}-{qtype}.gguf" for qtype in (manifest.get("export") or {}).get("gguf_types", [])}
     if gguf and tools is None:
         raise SpecError("the run has GGUF files and the llama.cpp tools are missing")
-    gated = verify_artifacts(evaluation, refs, merged_dir, gguf, tools, tokenizer, work / "verify", trust)
+    gated = verify_artifacts(evaluation, refs, base_path, adapter_dir, merged_dir, gguf, tools, tokenizer,
+                             work / "verify", trust)
     result.verdicts += gated.verdicts
     result.adapter_effect = gated.adapter_effect
     return result

@@ -70,6 +70,18 @@ def bucket(s3_env):
 
 
 @pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`job run` on the smoke spec, published to a local folder, once a session: the process and LOCATION (the run
+    is LOCATION/smoke). Tests that change its files work on a copy."""
+    root = tmp_path_factory.mktemp("smoke-run")
+    env = {**os.environ, "JOB_WORK_DIR": str(root / "work"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "job.cli", "run", "--spec", str(REPO / "examples" / "smoke.yaml"),
+                           "--set", f"run.output={root / 'runs'}"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    return proc, root / "runs"
+
+
+@pytest.fixture(scope="session")
 def smoke_model_dir(tmp_path_factory) -> Path:
     from job.model import fetch
     from job.spec import ModelSection

@@ -47,9 +47,8 @@ def check_manifest(manifest, read_file):
     return paths
 
 
-def test_smoke_to_local_output_and_artifacts_load(tmp_path):
-    out = tmp_path / "runs"
-    proc = run_job({"JOB_WORK_DIR": str(tmp_path / "work")}, "--set", f"run.output={out}", cwd=tmp_path)
+def test_smoke_to_local_output_and_artifacts_load(smoke_run):
+    proc, out = smoke_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = [json.loads(line) for line in proc.stdout.splitlines()]  # every stdout line is a JSON event
     assert any(e["event"] == "train.step" for e in events) and events[-1]["event"] == "run.finished"
@@ -57,6 +56,8 @@ def test_smoke_to_local_output_and_artifacts_load(tmp_path):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     check_manifest(manifest, lambda p: (run_dir / p).read_bytes())
     assert "published to" in proc.stderr and "after:" in proc.stderr  # the one-screen summary
+    assert "gguf/q8_0" in proc.stderr and "mean KLD" in proc.stderr  # with the verification figures
+    assert "## Verification" in (run_dir / "README.md").read_text()
 
     # The adapter loads with plain peft on the base, the merged weights with plain transformers.
     from peft import PeftModel
@@ -90,3 +91,10 @@ def test_smoke_to_s3_publishes_the_same_files_and_no_secrets(tmp_path, s3_env, b
             assert FAKE_SECRET.encode() not in body and FAKE_KEY_ID.encode() not in body
     logs = proc.stdout + proc.stderr
     assert FAKE_SECRET not in logs and FAKE_KEY_ID not in logs
+
+    # `job verify` on the s3:// run: it downloads the files and passes every gate again
+    verified = subprocess.run([sys.executable, "-m", "job.cli", "verify", f"s3://{bucket}/runs/smoke", "--json"],
+                              cwd=tmp_path, env={**os.environ, "JOB_WORK_DIR": str(tmp_path / "work")},
+                              capture_output=True, text=True, timeout=1800)
+    assert verified.returncode == 0, verified.stderr[-3000:]
+    assert {v["artifact"] for v in json.loads(verified.stdout)["artifacts"]} == {"merged", "gguf/q4_k_m", "gguf/q8_0"}

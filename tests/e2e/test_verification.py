@@ -27,13 +27,11 @@ def job(*args, cwd: Path, env_extra: dict | None = None) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory) -> Path:
+def published(smoke_run) -> Path:
     """The smoke job, published to a local folder: LOCATION (the run is LOCATION/smoke)."""
-    root = tmp_path_factory.mktemp("published")
-    proc = job("run", "--spec", str(REPO / "examples" / "smoke.yaml"), "--set", f"run.output={root / 'runs'}",
-               cwd=root, env_extra={"JOB_WORK_DIR": str(root / "work")})
+    proc, location = smoke_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "runs"
+    return location
 
 
 def copy_of(published: Path, tmp_path: Path) -> Path:

@@ -1,0 +1,137 @@
+"""Time job's tokenizer pre-flight, export and verify stages at the Llama-3.1-8B shape on the GPU host.
+
+Random weights of the real shape with the real Llama 3 tokenizer (shared/gpu/make-llama3-tokenizer.py) and a random
+LoRA adapter (r=16 on all 7 projections): the converter and llama.cpp treat the model like the real one, and the
+gates must pass on its faithful copies. Each stage calls the same functions as `job run`; one JSON line per step.
+
+  python bench/verify_time.py --tokenizer DIR --llama-cpp DIR --work DIR --out OUT.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+SHAPE_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5,
+                max_position_embeddings=8192, tie_word_embeddings=False)
+PROBES = ["What is the capital of France?", "Write a haiku about rain."]
+
+
+class Clock:
+    def __init__(self, out: Path):
+        self.out = out
+
+    def step(self, name: str, fn, **extra):
+        import torch
+
+        started = time.monotonic()
+        result = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        row = {"step": name, "seconds": round(time.monotonic() - started, 2), **extra}
+        with open(self.out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        return result
+
+
+def make_model(directory: Path, tokenizer_dir: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(**SHAPE_8B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    del model
+    torch.cuda.empty_cache()
+
+
+def make_adapter(base: Path, directory: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map="cuda")
+    lora = LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)  # a trained-looking update: B starts at zero in a fresh adapter
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(base).save_pretrained(directory)
+    del model
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--llama-cpp", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    import torch
+
+    from job import data, export, llamacpp, verify
+    from job.model import load_tokenizer
+    from job.spec import DataSection, ModelSection
+    from job.storage import S3Settings
+
+    clock = Clock(args.out)
+    base, adapter_dir, staging = args.work / "base", args.work / "adapter", args.work / "out"
+    clock.step("make_model", lambda: make_model(base, args.tokenizer))
+    clock.step("make_adapter", lambda: make_adapter(base, adapter_dir))
+    tools = llamacpp.locate(args.llama_cpp)
+    tokenizer = load_tokenizer(base)
+    section = DataSection(source=str(Path(__file__).resolve().parent.parent / "examples/data/alpaca-en.jsonl"),
+                          format="alpaca")
+    rows, _, _ = data.prepare(section, tokenizer, 2048, args.work / "data", S3Settings())
+
+    texts = verify.preflight_texts(tokenizer, PROBES, rows)
+    vocab = clock.step("preflight", lambda: verify.preflight(tools, base, tokenizer, texts, args.work / "preflight"),
+                       texts=len(texts))
+
+    report = verify.ProbeReport(PROBES, max_new_tokens=48)
+
+    def answer() -> None:  # what the train stage does once training ends (not part of verify)
+        verify.answer_with_adapter(verify.load_checkpoint(base, False, adapter_dir), tokenizer, report)
+        torch.cuda.empty_cache()
+
+    clock.step("train_stage_probe_answers", answer)
+    evaluation = verify.evaluation_set(tokenizer, report, rows, vocab.bos_id if vocab.add_bos else None)
+
+    references = []
+
+    def before_merge(unmerged):
+        references.append(clock.step("references_in_merge", lambda: verify.references(unmerged, evaluation),
+                                     scored_tokens=evaluation.scored_tokens))
+
+    merged_dir, _ = clock.step("export_merge", lambda: export.merge(base, adapter_dir, staging, ModelSection(name=str(base)),
+                                                                     before_merge=before_merge))
+    torch.cuda.empty_cache()
+    gguf = clock.step("export_gguf", lambda: export.to_gguf(tools, merged_dir, staging, ["q4_k_m", "q8_0"], stem="bench"),
+                      threads=llamacpp.cpu_threads())
+    result = clock.step("verify_stage", lambda: verify.verify_artifacts(
+        evaluation, references[0], base, adapter_dir, merged_dir, gguf, tools, tokenizer, args.work / "verify", False,
+        report))
+    with open(args.out, "a") as fh:
+        fh.write(json.dumps({"step": "verification", **result.as_dict()}) + "\n")
+    print("\n".join(verify.table(result.as_dict())), flush=True)
+    # The verify stage without the greedy samples: the gates alone
+    clock.step("verify_gates_only", lambda: verify.verify_artifacts(
+        evaluation, references[0], base, adapter_dir, merged_dir, gguf, tools, tokenizer, args.work / "verify", False))
+
+
+if __name__ == "__main__":
+    main()
