@@ -55,11 +55,12 @@ class Threshold:
 # published Llama-3-8B figures against FP16 (Q8_0 0.0014 / 97.7%, Q6_K 0.0055 / 96.0%, Q4_K_M 0.031 / 91.9%,
 # Q2_K 0.45 / 71.1%, BF16 0.000025 / 99.7%), with a margin: small models lose more to the same quantization.
 THRESHOLDS: dict[str, Threshold] = {
-    "merged": Threshold(0.01, 0.95),
+    # merged: a margin over the base's own distance from the adapter (check_merged); the weights gate it exactly
+    "merged": Threshold(0.01, 0.0),
     "f32": Threshold(0.005, 0.97),
     "f16": Threshold(0.005, 0.97),
     "bf16": Threshold(0.005, 0.97),
-    "q8_0": Threshold(0.02, 0.93),
+    "q8_0": Threshold(0.02, 0.90),
     "q6_k": Threshold(0.06, 0.88),
     "q5": Threshold(0.12, 0.83),
     "q4": Threshold(0.3, 0.75),

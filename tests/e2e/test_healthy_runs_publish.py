@@ -114,20 +114,23 @@ def spec_for(data_file: Path, output: Path):
 
 def gate(spec, base: Path, adapter_dir: Path, tokenizer, rows, tools, out: Path):
     """The artifacts an adapter makes, through the export and the gates of `job run`: the references from the adapter
-    on the 16-bit base, as `job verify` computes them. Half the evaluation tokens of a run and no greedy samples
-    besides the adapter's own answers (which the evaluation set needs), to fit thirty gates in the suite's time."""
+    on the 16-bit base while the merge holds it. Half the evaluation tokens of a run and no greedy samples besides the
+    adapter's own answers (which the evaluation set needs), to fit thirty gates in the suite's time."""
     from job import export, verify
 
-    model = verify.load_checkpoint(base, False, adapter_dir)
     report = verify.ProbeReport(spec.export.probes, max_new_tokens=spec.export.probe_max_new_tokens)
-    report.put("adapter", *verify.generate(model, tokenizer, report.probes, report.max_new_tokens))
-    evaluation = verify.evaluation_set(tokenizer, report, rows, None, max_tokens=512)  # SmolLM2's GGUF adds no BOS
-    refs = verify.references(model, evaluation)
-    del model
-    merged_dir, _ = export.merge(base, adapter_dir, out, spec.model)
+    seen = {}
+
+    def before_merge(unmerged) -> None:
+        unmerged.eval()
+        report.put("adapter", *verify.generate(unmerged, tokenizer, report.probes, report.max_new_tokens))
+        seen["evaluation"] = verify.evaluation_set(tokenizer, report, rows, None, max_tokens=512)  # SmolLM2: no BOS
+        seen["references"] = verify.references(unmerged, seen["evaluation"])
+
+    merged_dir, _ = export.merge(base, adapter_dir, out, spec.model, before_merge=before_merge)
     gguf = export.to_gguf(tools, merged_dir, out, spec.export.gguf, stem="gated")
-    return verify.verify_artifacts(evaluation, refs, base, adapter_dir, merged_dir, gguf, tools, tokenizer, out / "verify",
-                                   False)
+    return verify.verify_artifacts(seen["evaluation"], seen["references"], base, adapter_dir, merged_dir, gguf, tools,
+                                   tokenizer, out / "verify", False)
 
 
 @pytest.fixture(scope="module")
