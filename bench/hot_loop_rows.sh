@@ -3,7 +3,7 @@
 # 4-bit base, batch 2 x 2048, unsloth's gradient checkpointing, 12 measured-window steps. Each row also profiles 3
 # extra steps (GPU busy fraction, the host's costliest calls) into PROFILE. VARIANTS lists job trainer variants
 # (bench/train_throughput.py --variant) to compare against job's default in the same call; IMPLS the bare loops
-# (default: bare unsloth and transformers+peft+bitsandbytes; session 4 ran IMPLS=unsloth).
+# (default: bare unsloth and transformers+peft+bitsandbytes; IMPLS=unsloth for bare unsloth only).
 # Usage (GPU host, stack on PYTHONPATH):  bash bench/hot_loop_rows.sh OUT.jsonl PROFILE.txt
 set -uo pipefail
 out=${1:?usage: hot_loop_rows.sh OUT.jsonl PROFILE.txt} profile=${2:?}

@@ -1,64 +1,33 @@
 #!/usr/bin/env bash
-# The rows docs/benchmarks.md still lacked after session 5, for one GPU, in device calls of under 10 minutes each.
-#   PART=a: job vs bare unsloth in one process per row, each order (bare first, then job's trainer before and after
-#           the session-3 setting), at 1B and 8B.
-#   PART=b: `job run` with everything auto (may pick fp8), then the bare 4-bit points (no checkpointing, batch 8;
-#           checkpointing, batch 16) of the auto-vs-sweep comparison (8B).
-#   PART=c: toward the 18,000 tokens/s stretch at 8B: fp8 base without checkpointing at batch 4, 8 and 12, the bare
-#           loop (every batch) then job's trainer, on one loaded model (the H200's 139 GiB holds batch 12): also the
-#           fp8 row of job vs bare at batch 4.
-#   PART=d: the 16-bit and fp8 rows of job vs bare in one call (8B, batch 8, no checkpointing), each process's bare
-#           loop first from the same LoRA initialisation and data, so their loss curves compare the two precisions.
+# Benchmark rows on one GPU, one PART per device call of under 10 minutes; rows are appended to OUT.jsonl by
+# bench/train_throughput.py, and the random-weight models a PART needs are made under MODELS (default
+# /tmp/bench-models). docs/benchmarks.md says which PART reproduces which figure; each bench/results/ README names
+# the PARTs behind its rows. A row runs 12 steps with 3 left out, or 40 with 8 where the PART says so.
+#   PART=a: job vs bare unsloth in one process (--compare), both trainer orders at 1B, then 8B; 4-bit, batch 2.
+#   PART=b: `job run` with precision, batch size and checkpointing all auto, then the bare 4-bit points (no
+#           checkpointing, batch 8; checkpointing, batch 16) it chooses between (8B; TOKENIZER_DIR for job run).
+#   PART=c: fp8 base without checkpointing at batch 4, 8 and 12, bare loop then job's trainer on one 8B model.
+#   PART=d: 16-bit and fp8 at 8B batch 8 without checkpointing, bare then job's trainer, from the same LoRA
+#           initialisation and data, so the bare loss curves compare the precisions.
+#   PART=h: bare, job's default and job without bf16 autocast (noautocast) at 8B batch 2, one process each.
 #   PART=hf: transformers+peft+bitsandbytes at 8B.
-#   PART=e: the open 1B question (docs/benchmarks.md, "1B: job vs bare is not settled"): five processes, each the bare
-#           loop then job's trainer (a variant that runs second in a process is 20-30% slower, so never two), 32
-#           measured steps each (the host-bound step's median moves over 9); VARIANTS="default noautocast …" to vary.
-#   PART=f: 1B, one measurement per process (unsloth warns that a bare run before trainer.train() poisons its compile
-#           cache, which it then resets): bare unsloth and job's path alternating, at batch 8 (bound by the GPU) and
-#           batch 2 (bound by the host).
-#   PART=g: after f (job's path 11-22% slower at 1B batch 2, with more host time in the forward and backward): one
-#           process each, twice: bare unsloth, job's default, job without bf16 autocast (`noautocast`, the bare
-#           loop's numerics: unsloth keeps the LoRA weights in float32 and casts inside its kernels), at 1B batch 2.
-#   PART=h: the same three at 8B batch 2 (session 4 saw noautocast 13% slower there, from log lines only).
-#   PART=p: after g (bare 27,619 and 34,303 tokens/s; job 22,242 and 22,625; noautocast 22,589 and 27,603): the same
-#           three at 1B batch 2, each then 3 steps under torch.profiler (after the measured ones), its table of host
-#           calls and its ops and kernel launches a step written beside OUT: where job's host time goes.
-#   PART=i: after p (job's process: the same ops and kernels as bare, 16% more host CPU, 12.5 ms a step of it in the
-#           collating workers' iterator): bare, job's default (2 collating workers, pinned non-blocking copies) and
-#           `inline` (collation in the training process), one process each, twice in alternating order, profiled.
-#   PART=q: after i (inline slower than the workers; job's host ops 10-40% slower than bare's, same ops): job's default,
-#           job with everything alive before training frozen out of the garbage collector (`gcfreeze`), bare, 1B batch
-#           2; every row carries the collector's time and passes (gc_*).
-#   PART=r: after q: is the 1B batch-2 gap trl's loop or job's? bare, job's default, `trl` (trl's own SFTTrainer with
-#           transformers' data-loading defaults: what unsloth's notebooks run) and `noautocast`, one process each.
-#   PART=s: after r (job 9.5% ahead of bare, where session 8 saw it 18% behind): three pairs of processes, bare unsloth
-#           and job's default in alternating order (AB BA AB), 1B batch 2, so the medians over processes decide.
-#   PART=t: after s (pairs from -25% to +32% around medians at -3%; bare's own processes 19,338-28,698): the same
-#           pairs, each row with a host probe before and after (a pure-Python loop, tiny kernel launches, the CPU it
-#           ran on): does the host's speed, process by process, carry the scatter? PIN="taskset -c 8-11" runs every
-#           process on those CPUs only.
-#   PART=u: after t (job's training thread spends more CPU a step than bare's in every call): where. bench/step_factors.py
-#           on one loaded 1B model, the bare loop with one part of job's step added at a time (autocast, attention
-#           mask, pinned non-blocking copy, the trainer's per-step calls), the variants in turns of 5 steps; then bare
-#           and job's default, one process each, with py-spy sampling every thread over the measured steps
-#           (collapsed stacks beside OUT, for bench/stack_diff.py); then the factors at 8B (plain, autocast).
-#   PART=v: after u (py-spy: job's trainer adds about 1.5 ms a step of its own to the training thread; the rest of the
-#           host work is the same code, on two threads, at the host's speed of the moment): job's trainer and the bare
-#           loop in one process, blocks of 4 bare steps between every 4 of job's (`--variant interleaved`), three
-#           processes at 1B batch 2, then one at 8B batch 2. (Session 13 ran it before f28d6cb, with the mask:
-#           `--variant interleaved-mask` now.)
-#   PART=w: after v (in one process job's steps were 9% slower than bare's in two of three, 4.5% faster in one):
-#           with trl's mask of ones passed to the model, interleaved under py-spy (the training thread's stacks of
-#           job's steps and of the bare blocks apart); then twice without it, which bench/step_factors.py saw cost
-#           the bare loop 7 ms of the training thread a step. (Session 13 ran the second half as `interleaved-nomask`,
-#           the bench dropping the mask before the model, at f28d6cb's parent; since f28d6cb job leaves it out
-#           itself, so `interleaved-mask` is job with the mask and plain `interleaved` job without.)
-#   PART=x: after w (without the mask job's steps were 2.5% and 1.7% faster than bare's; with it 7.8% slower), job
-#           leaves a mask of ones out of its batches (job/train.py, WithoutFullAttentionMask): interleaved, twice.
-#   PART=y: after x (ten processes of job's shipped path interleaved: median -4.1%, -2.3% on a host whose probe read
-#           6.5 ms, -6.9% on one that read 14 ms): job's trainer walks the module tree once a run instead of three
-#           times a step (job/train.py, ModuleWalksOnce; 4.4 ms a step on a 2-core CPU at 1,337 modules): interleaved,
-#           four times (RUNS=n: n times); each row carries the walks' cost on the host (module_walk_ms).
+#   PART=e: 1B batch 2, processes each running the bare loop then one trainer variant (VARIANTS).
+#   PART=f: 1B, one measurement a process, bare and job alternating, at batch 8 and batch 2, twice.
+#   PART=g: 1B batch 2, one process each, twice: bare, job's default, job noautocast.
+#   PART=p: 1B batch 2: bare, default, noautocast, each then 3 steps under torch.profiler (tables beside OUT).
+#   PART=i: 1B batch 2: bare, default and inline (collation in the training process), both orders, profiled.
+#   PART=q: 1B batch 2: default, gcfreeze (objects alive before training frozen out of the collector), bare.
+#   PART=r: 1B batch 2: bare, default, trl (trl's own SFTTrainer with transformers' data loading), noautocast.
+#   PART=s: 1B batch 2: three pairs of processes, bare and job's default alternating (AB BA AB).
+#   PART=t: as s; PIN="taskset -c 8-11" (or any prefix) runs every process pinned.
+#   PART=u: bench/step_factors.py at 1B (the bare loop with one part of job's step added at a time), bare and job
+#           under py-spy (stacks beside OUT, for bench/stack_diff.py), then the factors plain/autocast at 8B.
+#   PART=v: job with trl's mask of ones passed (interleaved-mask) interleaved with bare blocks: three at 1B, one at 8B.
+#   PART=w: interleaved-mask under py-spy, then job's path interleaved twice.
+#   PART=x: job's path interleaved with bare blocks in one process, twice.
+#   PART=y: the same, RUNS times (default 4): the current 1B batch-2 comparison of job against bare.
+# Same-process pairs at 1B (a, e) start job's trainer from a compile cache unsloth has reset, and separate 1B processes
+# scatter with the host's speed (f-t); PART=y is the comparison to use at 1B batch 2.
 # Usage (GPU host, stack on PYTHONPATH): PART=a bash bench/open_rows.sh OUT.jsonl; PART=b TOKENIZER_DIR=… bash …
 set -uo pipefail
 out=${1:?usage: PART=a|b|c|d|e|f|g|h|i|p|q|r|s|t|u|v|w|x|y|hf open_rows.sh OUT.jsonl}

@@ -13,6 +13,7 @@ run the script that way, so a GPU call never finds it broken.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -342,7 +343,7 @@ class HostClock:
 def module_walk_ms(model) -> dict:
     """What one walk of the model's module tree costs this host now, in ms (median of 21): nn.Module's own train()
     and zero_grad(), and listing the parameters (what clipping model.parameters() starts with). transformers' loop
-    does all three every step; job's trainer, since session 14, once a run (job/train.py, ModuleWalksOnce)."""
+    does all three every step; job's trainer once a run (job/trainer_overrides.py, ModuleWalksOnce)."""
     import torch
 
     mode = model.training
@@ -441,9 +442,6 @@ def run(args):
                                    warmup_steps=0, logging_steps=1)
         model, tokenizer, info = backend.load_for_training(Path(args.model_dir), ModelSection(name=args.model_dir, precision=args.precision),
                                                            LoraSection(), training)
-        apply_variant(train, args.variant)
-        current = observe_steps(train)
-        phases_now = time_trainer_phases(train)
 
         def measure(batch, window):
             steps_run = args.steps + window.count
@@ -451,11 +449,12 @@ def run(args):
             data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
             work = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-job-{os.getpid()}-{batch}"
             work.mkdir(parents=True, exist_ok=True)
-            current[0] = window
-            phases_now[0] = Phases(args.warmup, args.steps)
+            phases = Phases(args.warmup, args.steps)
+            variant = job_variant(args.variant, phases)
             began = time.monotonic()
-            train.run(model, tokenizer, data, training.model_copy(update={"batch_size": batch, "max_steps": steps_run}), work,
-                      info)
+            with frozen_gc() if args.variant == "gcfreeze" else contextlib.nullcontext():
+                train.run(model, tokenizer, data, training.model_copy(update={"batch_size": batch, "max_steps": steps_run}),
+                          work, info, extra_callbacks=[step_window(window)], trainer_variant=variant)
             steps = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
             # the trainer's clock starts at train(); add the load time before it
             first = (began - STARTED) + steps[0]["elapsed_seconds"]
@@ -466,7 +465,7 @@ def run(args):
                     rates.append(s["tokens_per_second"])
                 previous = s["step"]
             losses = [s["loss"] for s in steps if "loss" in s and s["step"] <= args.steps]
-            return rates, first, phases_now[0], losses
+            return rates, first, phases, losses
 
         bare = bare_measure(model, args)
 
@@ -480,10 +479,7 @@ def run(args):
 
         if args.compare:  # the same loaded model through each in turn: the bare loop and job's trainer variants
             def measure(batch, window, job_measure=measure):
-                if args.variant == "bare":
-                    return bare(batch, window)
-                apply_variant(train, args.variant)
-                return job_measure(batch, window)
+                return bare(batch, window) if args.variant == "bare" else job_measure(batch, window)
     config = model.config
     n = matmul_params(config)
     ceiling = matmul_ceiling()
@@ -532,7 +528,7 @@ class Interleave:
     medians compare where separate processes' do not. A job step is timed from the end of the step, or bare block,
     before it to its own end (its predecessor's log line, the batch's fetch and the step itself); a bare step as in
     bare_loop. The bare steps run under the trainer's bf16 autocast (accelerate wraps the model's forward): at 1B
-    batch 2 autocast costs the bare loop nothing measurable (bench/step_factors.py, session 13)."""
+    batch 2 autocast costs the bare loop nothing measurable (bench/step_factors.py's `autocast` against `plain`)."""
 
     def __init__(self, model, args, batch, window, block: int = 4):
         self.model, self.args, self.batch, self.window, self.block = model, args, batch, window, block
@@ -578,42 +574,25 @@ class Interleave:
                 "bare_process_cpu_ms_per_step": round(statistics.median(self.bare_process_cpu) * 1000, 2)}
 
 
-PLAIN_TRAINER = [False]  # read by time_trainer_phases's trainer class: trl's own SFTTrainer instead of job's
 TRAINER_USED = [None]  # the trainer class's name, for the row
+VARIANTS = ("default", "inline", "noautocast", "log5", "gcfreeze", "trl", "interleaved", "interleaved-mask")
 
 
-def apply_variant(train, variant: str) -> None:
-    """Trainer settings to compare against job's own (A/B inside one call); "default" is exactly what job runs."""
-    PLAIN_TRAINER[0] = variant == "trl"
-    make = train.__dict__.setdefault("_job_sft_config", train.sft_config)
-    train.sft_config = make
-    run = train.run = train.__dict__.setdefault("_job_run", train.run)
+def job_variant(variant: str, phases: Phases):
+    """job's trainer as `variant` departs from it, to compare inside one call ("default" is exactly what job runs),
+    with the host time of its step's parts added to `phases`."""
+    from trl import SFTTrainer
+
+    from job.trainer_overrides import TrainerVariant, lean_sft_trainer
+
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant}")
     os.environ.pop("UNSLOTH_MIXED_PRECISION", None)
-    train.WithoutFullAttentionMask = train.__dict__.setdefault("_job_without_mask", train.WithoutFullAttentionMask)
-    # trl's own loss reads the mask (for its token metrics), and unsloth's notebooks pass it; interleaved-mask is
-    # job before session 13, which passed trl's mask of ones to the model
-    if variant in ("trl", "interleaved-mask"):
-        train.WithoutFullAttentionMask = lambda collate: collate
-    if variant in ("default", "interleaved", "interleaved-mask"):  # interleaved: bare blocks between job's steps
-        return
     if variant == "noautocast":  # read when the trainer is made; without it unsloth turns bf16 autocast back on
         os.environ["UNSLOTH_MIXED_PRECISION"] = "bfloat16"
-    if variant == "gcfreeze":  # what is alive before training leaves the collector's generations
-        def frozen_run(*a, **kw):
-            import gc
 
-            gc.collect()
-            gc.freeze()
-            try:
-                return run(*a, **kw)
-            finally:
-                gc.unfreeze()
-        train.run = frozen_run
-        return
-
-    def changed(*a, **kw):
-        config = make(*a, **kw)
-        if variant == "inline":  # job before session 4: collation in the training process, blocking copies
+    def configure(config):
+        if variant == "inline":  # collation in the training process, blocking copies: job's data loading before workers
             config.dataloader_num_workers = 0
             config.dataloader_prefetch_factor = None
             config.dataloader_pin_memory = False
@@ -627,67 +606,60 @@ def apply_variant(train, variant: str) -> None:
             config.dataloader_prefetch_factor = None
             config.dataloader_pin_memory = True
             config.accelerator_config.non_blocking = False
-        else:
-            raise SystemExit(f"unknown variant {variant}")
-        return config
 
-    train.sft_config = changed
+    if variant == "trl":
+        trainer = timed_trainer(SFTTrainer, phases, name="PlainSFTTrainer")
+    else:
+        trainer = timed_trainer(lean_sft_trainer(), phases)
+    TRAINER_USED[0] = trainer.__name__
+    # trl's own loss reads the mask (for its token metrics), and unsloth's notebooks pass it: interleaved-mask is
+    # job's trainer with the mask of ones passed to the model as they pass it
+    return TrainerVariant(trainer_class=trainer, configure=configure,
+                          full_attention_mask=variant in ("trl", "interleaved-mask"))
 
 
-def time_trainer_phases(train) -> list:
-    """Host time in the trainer's own parts of a step, into the Phases in the returned one-item list."""
-    make = train._LeanSFTTrainer
-    current = [Phases()]
+def timed_trainer(base: type, phases: Phases, name: str = "") -> type:
+    """A subclass of `base` (named `name`, or as `base`) that adds the host time in its step's parts to `phases`."""
+    from job.trainer_overrides import STEP_PHASES
 
-    def timed(cls, name, phase):
-        original = getattr(cls, name)
+    def timed(method, phase):
+        original = getattr(base, method)
 
         def wrapper(self, *a, **kw):
             # the log runs after the step's count went up; the rest before: keep the bare loop's step numbers
-            with current[0](phase, self.state.global_step - (phase == "log")):
+            with phases(phase, self.state.global_step - (phase == "log")):
                 return original(self, *a, **kw)
-        setattr(cls, name, wrapper)
+        return wrapper
 
-    def lean():
-        if PLAIN_TRAINER[0]:
-            from trl import SFTTrainer
-
-            cls = type("PlainSFTTrainer", (SFTTrainer,), {})  # a subclass, so the timing wrappers leave trl's alone
-        else:
-            cls = make()
-        TRAINER_USED[0] = cls.__name__
-        for name, phase in [("get_batch_samples", "next_batch"), ("training_step", "forward_backward"),
-                            ("_clip_grad_norm", "clip"), ("_maybe_log_save_evaluate", "log")]:
-            timed(cls, name, phase)
-        return cls
-
-    train._LeanSFTTrainer = lean
-    return current
+    return type(name or base.__name__, (base,), {method: timed(method, phase) for method, phase in STEP_PHASES})
 
 
-def observe_steps(train) -> list:
-    """Drive the ProfileWindow in the returned one-item list from job's own step callback (steps count from 0, as in
-    the bare loop)."""
-    make = train._events_callback
-    current = [None]
+def step_window(window):
+    """A TrainerCallback that drives `window` (a HostClock or an Interleave) from job's trainer, steps counted from 0
+    as in the bare loop."""
+    from transformers import TrainerCallback
 
-    def observed(*a, **kw):
-        callback = make(*a, **kw)
-        begin, end = callback.on_step_begin, callback.on_step_end
+    class StepWindow(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            window.step_begin(state.global_step)
 
-        def on_step_begin(args, state, control, **k):
-            current[0].step_begin(state.global_step)
-            return begin(args, state, control, **k)
+        def on_step_end(self, args, state, control, **kwargs):
+            window.step_end(state.global_step - 1)
 
-        def on_step_end(args, state, control, **k):
-            current[0].step_end(state.global_step - 1)
-            return end(args, state, control, **k)
+    return StepWindow()
 
-        callback.on_step_begin, callback.on_step_end = on_step_begin, on_step_end
-        return callback
 
-    train._events_callback = observed
-    return current
+@contextlib.contextmanager
+def frozen_gc():
+    """What is alive before training leaves the collector's generations (the `gcfreeze` variant)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def main() -> None:
@@ -711,7 +683,7 @@ def main() -> None:
     rn.add_argument("--backend", choices=["unsloth", "hf"], default="unsloth", help="job only: the backend it loads with")
     rn.add_argument("--variant", default="default", help="job only: trainer settings (default, inline, noautocast, log5, gcfreeze, trl, interleaved: job's default "
                     "with blocks of the bare loop between its steps, in one process; interleaved-mask: the same, "
-                    "with trl's attention mask of ones passed to the model, as job did before session 13)")
+                    "with trl's attention mask of ones passed to the model, as trl passes it)")
     rn.add_argument("--compare", default="", help="job only: variants run one after another on the one loaded model, "
                                                    "'bare' for the bare loop on it, e.g. bare,default,inline; 'bare' only "
                                                    "first: after job's trainer has run, unsloth's checkpointing is off "
