@@ -586,3 +586,22 @@ def prepare(data: DataSection, tokenizer, max_seq_length: int, work_dir: Path, s
     write_sample(work_dir / "data" / SAMPLE_FILE, tokenized)
     dataset = datasets.Dataset.from_dict({"input_ids": tokenized.input_ids, "labels": tokenized.labels})
     return dataset, stats, template
+
+
+def prepare_with_eval(data: DataSection, tokenizer, max_seq_length: int, work_dir: Path, s3: S3Settings, *, seed: int):
+    """prepare(), and the evaluation rows: data.eval prepared the same way, or data.eval_split held out of the
+    training rows (None when neither is set). Returns (train dataset, eval dataset, stats dict, template name)."""
+    dataset, stats, template = prepare(data, tokenizer, max_seq_length, work_dir, s3)
+    eval_dataset = None
+    if data.eval:
+        eval_section = data.model_copy(update={"source": data.eval, "eval": None, "max_rows": None})
+        eval_dataset, stats["eval"], _ = prepare(eval_section, tokenizer, max_seq_length, work_dir / "eval", s3)
+    elif data.eval_split:
+        try:
+            parts = dataset.train_test_split(test_size=data.eval_split, seed=seed)
+        except ValueError as exc:  # datasets refuses a split that leaves either side empty
+            raise DataError(f"data.eval_split: {data.eval_split} of {len(dataset)} rows leaves no row on one "
+                            f"side ({exc})", hint="use more rows, another eval_split, or a separate data.eval") from exc
+        dataset, eval_dataset = parts["train"], parts["test"]
+        stats["eval"] = {"rows": len(eval_dataset), "from": "data.eval_split"}
+    return dataset, eval_dataset, stats, template

@@ -1,19 +1,12 @@
 """Every failure a user can act on, with the exit code that is part of the CLI's interface.
 
-| code | meaning                                                        | Kubernetes podFailurePolicy |
-|------|----------------------------------------------------------------|-----------------------------|
-| 0    | published                                                      | -                           |
-| 1    | a bug: unexpected exception, traceback kept                    | counted against backoff     |
-| 2    | invalid spec, data or usage: the user must change something   | FailJob                     |
-|      | (also: the configuration does not fit the GPU's memory, or the |                             |
-|      | container's memory or disk)                                    |                             |
-| 3    | a model, dataset or bucket is missing or access is denied      | FailJob                     |
-| 4    | an artifact failed verification                                | FailJob                     |
-| 75   | transient infrastructure (network, throttling)                 | retried                     |
-| 76   | preempted (SIGTERM): a checkpoint was written; rerun resumes   | retried (pod disruption)    |
+EXIT_CODES is the one table of exit codes: `job exit-codes`, `job --help` and the README's table are made from it
+(a test holds the README and k8s/base/job.yaml's podFailurePolicy to it).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 EXIT_OK = 0
 EXIT_BUG = 1
@@ -23,16 +16,29 @@ EXIT_VERIFICATION = 4
 EXIT_TRANSIENT = 75
 EXIT_PREEMPTED = 76
 
+
+class ExitCode(NamedTuple):
+    meaning: str
+    kubernetes: str  # what k8s/base/job.yaml's podFailurePolicy does with it
+
+
 EXIT_CODES = {
-    EXIT_OK: "published",
-    EXIT_BUG: "bug (unexpected exception)",
-    EXIT_USER: "invalid spec, data or usage; a configuration that does not fit the GPU's memory, or the container's "
-               "memory or disk",
-    EXIT_NOT_FOUND: "model, dataset or bucket missing or denied",
-    EXIT_VERIFICATION: "artifact failed verification",
-    EXIT_TRANSIENT: "transient infrastructure error; retry",
-    EXIT_PREEMPTED: "preempted (SIGTERM): checkpoint written; rerun with the same run id resumes",
+    EXIT_OK: ExitCode("published", ""),
+    EXIT_USER: ExitCode("invalid spec, data or usage; a configuration that does not fit the GPU's memory, or the "
+                        "container's memory or disk", "FailJob"),
+    EXIT_NOT_FOUND: ExitCode("model, dataset or bucket missing or denied", "FailJob"),
+    EXIT_VERIFICATION: ExitCode("an artifact failed verification", "FailJob"),
+    EXIT_TRANSIENT: ExitCode("transient infrastructure (network, throttling)", "retried"),
+    EXIT_PREEMPTED: ExitCode("preempted (SIGTERM): a checkpoint was written; a rerun resumes", "ignored (retried)"),
+    EXIT_BUG: ExitCode("a bug (unexpected exception, traceback logged)", "counted"),
 }
+
+
+def exit_code_table() -> str:
+    """EXIT_CODES as the Markdown table `job exit-codes` prints and the README holds."""
+    rows = ["| code | meaning | Kubernetes podFailurePolicy |", "|---|---|---|"]
+    rows += [f"| {code} | {entry.meaning} | {entry.kubernetes} |" for code, entry in EXIT_CODES.items()]
+    return "\n".join(rows)
 
 
 class JobError(Exception):
@@ -129,3 +135,38 @@ class ToolMissingError(JobError):
 
     exit_code = EXIT_USER
     kind = "tool_missing"
+
+
+class RenderError(JobError):
+    """The arguments of `job k8s render` cannot make a valid Job (bad sweep, unknown overlay, unreadable spec)."""
+
+    exit_code = EXIT_USER
+    kind = "render"
+
+
+class LaunchError(JobError):
+    """A launch request that cannot be made as asked (a local spec, a bad accelerator or name)."""
+
+    exit_code = EXIT_USER
+    kind = "launch"
+
+
+class ProviderError(LaunchError):
+    """The cloud provider refused or failed the launch; the message is scrubbed of the API key.
+    A rejected key or missing resource is denied (3); capacity, throttling, outages and an unreachable API are
+    transient (75); any other refusal is the request's to fix (2)."""
+
+    kind = "provider"
+
+    def __init__(self, message: str, *, provider: str, status: int | None = None, code: str | None = None):
+        super().__init__(message, where=provider)
+        self.status = status
+        self.code = code
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        if self.status in (401, 403, 404):
+            return EXIT_NOT_FOUND
+        if self.status is None or self.status == 429 or self.status >= 500 or "capacity" in (self.code or ""):
+            return EXIT_TRANSIENT
+        return EXIT_USER

@@ -41,8 +41,8 @@ class FetchedModel:
 
 
 def fetch(model: ModelSection, cache_dir: Path, s3: S3Settings, weights: str = "16bit") -> FetchedModel:
-    """`weights` is what the run needs from the base (backends.weights_needed): '16bit' for 16-bit training, merging
-    or verifying on the 16-bit base; '4bit' when only a QLoRA adapter is trained and exported."""
+    """`weights`: '16bit' (what `job run` fetches: training, merging and verifying on the 16-bit base), or '4bit'
+    to try unsloth's pre-quantized checkpoint of a hub model first."""
     name = model.name
     if name.startswith(MODELSCOPE):
         return _from_modelscope(model, cache_dir)

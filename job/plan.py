@@ -6,7 +6,7 @@ so `job plan` runs on a laptop and `job run` can call `choose` to resolve `train
 
 The constants were fitted to measurements on an H100 80GB (docs/benchmarks.md, "Plan vs measured"); docs/plan.md
 explains the formulas and their known error. Other cards are predicted by scaling with their published dense bf16
-rate and memory bandwidth (job/data/gpus.yaml).
+rate and memory bandwidth (job/resources/gpus.yaml).
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ _NEUTRAL_PARTS = {"instruct", "it", "chat", "bnb", "4bit", "unsloth", "hf", "bas
 
 
 def normalize_model_id(model_id: str) -> str:
-    """'unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit' → 'llama-3.1-8b' (the key of job/data/architectures.yaml)."""
+    """'unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit' → 'llama-3.1-8b' (the key of job/resources/architectures.yaml)."""
     last = re.split(r"[/:]", model_id.rstrip("/"))[-1].lower()
     last = re.sub(r"\.(gguf|safetensors)$", "", last)
     last = re.sub(r"[.-](i?q\d\w*|f16|bf16|f32)$", "", last)  # a GGUF file's quantization tag
@@ -193,7 +193,7 @@ def normalize_model_id(model_id: str) -> str:
 
 @cache
 def _data(name: str) -> dict[str, Any]:
-    return yaml.safe_load(resources.files("job").joinpath("data", name).read_text())
+    return yaml.safe_load(resources.files("job").joinpath("resources", name).read_text())
 
 
 def known_architectures() -> dict[str, dict[str, Any]]:
@@ -262,7 +262,7 @@ def gpu_for_device(device_name: str, memory_gib: float, capability: tuple[int, i
 
 
 def load_prices(text: str | None = None) -> dict[str, Any]:
-    """The price table: job/data/prices.yaml, or the YAML text of a `--prices FILE`."""
+    """The price table: job/resources/prices.yaml, or the YAML text of a `--prices FILE`."""
     data = yaml.safe_load(text) if text is not None else _data("prices.yaml")
     if not isinstance(data, dict) or not isinstance(data.get("prices"), dict):
         raise SpecError("a price table must be a mapping with `prices: {KIND: {usd_per_hour: N, source: ...}}`")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import time
 from importlib import metadata
 from pathlib import Path
 
 from job import log
 from job.errors import JobError, TransientError
+from job.rundir import MANIFEST, Manifest, encode, utc_now
 from job.storage import LocalStorage, S3Storage, sha256_file
 
-MANIFEST = "manifest.json"
 PACKAGES = ("job", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "unsloth",
             "unsloth_zoo", "gguf", "boto3")
 
@@ -36,7 +35,7 @@ def inventory(staging: Path) -> list[dict]:
     return files
 
 
-def publish(staging: Path, store: LocalStorage | S3Storage, run_id: str, body: dict) -> dict:
+def publish(staging: Path, store: LocalStorage | S3Storage, run_id: str, body: Manifest) -> Manifest:
     """Upload every file, check each one the store now holds, then write the manifest: only if all of them match.
 
     On any failure no manifest exists under RUN_ID (an earlier run's manifest is left at manifest.json.superseded,
@@ -71,8 +70,8 @@ def publish(staging: Path, store: LocalStorage | S3Storage, run_id: str, body: d
             + "; ".join(f"{path}: {problem}" for path, problem in sorted(problems.items())),
             where=f"{store.uri}/{run_id}", hint="no manifest was written; rerun to publish again",
         )
-    manifest = {**body, "run_id": run_id, "files": files, "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    data = json.dumps(manifest, indent=2).encode()
+    manifest = Manifest(**body, run_id=run_id, files=files, published_at=utc_now())
+    data = encode(manifest)
     try:
         store.put_bytes(manifest_key, data)
     except TransientError:

@@ -1,11 +1,6 @@
-"""The runs under an output location, read from what each run left there.
+"""The runs under an output location, read from what each run left there (the files of job.rundir).
 
-OUTPUT/RUN_ID/manifest.json               complete (publish writes it last)
-OUTPUT/RUN_ID/failure.json                failed: {"status": "failed", "error", "message", "exit_code", "stage", "time", "rank" (torchrun)}
-OUTPUT/RUN_ID/checkpoints/step-N/checkpoint.json   incomplete: checkpoints only (each record written last)
-
-A manifest wins over a failure record (a retried run that then published is complete), and a failure record over
-checkpoints. A run folder with none of the three (a publish cut short) counts as incomplete.
+A run folder with neither manifest, failure record nor checkpoint (a publish cut short) counts as incomplete.
 """
 
 from __future__ import annotations
@@ -18,11 +13,9 @@ import yaml
 
 from job import verify
 from job.errors import NotFoundError
-from job.publish import MANIFEST
+from job.rundir import FAILURE, MANIFEST, METRICS, SPEC
 from job.storage import LocalStorage, S3Settings, S3Storage, open_location
 
-FAILURE = "failure.json"
-METRICS = "metrics.jsonl"
 CHECKPOINT = re.compile(r"^checkpoints/step-(\d+)/checkpoint\.json$")
 
 
@@ -89,8 +82,8 @@ def summarize(store, run_id: str, keys: set[str], keep_manifest: bool = False) -
         failure = read_json(FAILURE) if FAILURE in keys else None
         latest = read_json(records[checkpoints[-1]]) if checkpoints else {}
         spec = (failure or {}).get("spec") or latest.get("spec") or {}
-        if not spec and "spec.yaml" in keys:
-            spec = yaml.safe_load(store.read_bytes(f"{run_id}/spec.yaml")) or {}
+        if not spec and SPEC in keys:
+            spec = yaml.safe_load(store.read_bytes(f"{run_id}/{SPEC}")) or {}
         run = Run(run_id, "failed" if failure else "incomplete", checkpoints=checkpoints, failure=failure,
                   steps=latest.get("step", checkpoints[-1] if checkpoints else (failure or {}).get("step")),
                   train_loss=latest.get("loss"), eval_loss=latest.get("eval_loss"))

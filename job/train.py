@@ -1,6 +1,7 @@
 """The shared training loop: trl's SFTTrainer over the backend's model, with every argument from the spec.
 
-unsloth patches trl's SFTConfig defaults when imported, so nothing here relies on a library default.
+unsloth patches trl's SFTConfig defaults when imported, so nothing here relies on a library default. The trainer's
+speed-specific overrides, and the private names of transformers and trl they depend on, are in job.trainer_overrides.
 """
 
 from __future__ import annotations
@@ -8,16 +9,18 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from job import log
 from job.errors import GpuOutOfMemory, Interrupted, Preempted, VerificationError
 from job.spec import TrainingSection
+from job.trainer_overrides import TrainerVariant, make_trainer
 
 
 class StopRequest:
-    """Set by the SIGTERM handler in cli.py. While the training loop runs it only asks for a stop, which the loop
+    """Set by the SIGTERM handler of `job run` (job/cli/run.py). While the training loop runs it only asks for a stop, which the loop
     honours after the current step (then writes a checkpoint); outside the loop the handler ends the run at once."""
 
     def __init__(self) -> None:
@@ -102,7 +105,8 @@ def sft_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, 
         fp16=dtype_name == "float16",
         use_cpu=use_cpu,
         # On a GPU, batches are collated in worker processes and copied from pinned memory without blocking, so
-        # the host queues the next step instead of collating while the GPU idles (docs/benchmarks.md, session 4).
+        # the host queues the next step instead of collating while the GPU idles: at 1B batch 2 that closed a 6% gap
+        # to the bare unsloth loop in the same process (docs/benchmarks.md).
         dataloader_num_workers=workers,
         dataloader_prefetch_factor=4 if workers else None,
         dataloader_pin_memory=not use_cpu,
@@ -113,65 +117,6 @@ def sft_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, 
         remove_unused_columns=True,
         dataset_num_proc=None,
     )
-
-
-class WithoutFullAttentionMask:
-    """trl's collator, leaving out an attention mask that masks nothing (a batch without padding, not packed).
-
-    For a causal model no mask and a mask of ones are the same computation, but not the same cost: with the mask,
-    job's step at 1B batch 2 was 8% slower than the bare unsloth loop in the same process (median of four processes,
-    docs/benchmarks.md, session 13). The check runs where the batch is collated (a data loader worker, on the CPU),
-    so it costs the training process nothing. A padded batch keeps its mask; so does a packed one (with position_ids),
-    where leaving it out would let unsloth infer the sequence boundaries and change what attends to what."""
-
-    def __init__(self, collate):
-        self.collate = collate
-
-    def __call__(self, examples):
-        batch = self.collate(examples)
-        mask = batch.get("attention_mask")
-        if mask is not None and "position_ids" not in batch and bool(mask.all()):
-            del batch["attention_mask"]
-        return batch
-
-
-class ModuleWalksOnce:
-    """While trl's loop trains: `model.train()` walks the module tree only when the model is not in training mode
-    already, and `model.zero_grad()` drops the trainable parameters' gradients, the only ones there are.
-
-    transformers calls both on every step, and each walks every module (1,337 of them for a 16-layer Llama with LoRA
-    on all 7 projections): 1.5-2.9 ms for zero_grad() on the H200's host, where a 1B step at batch 2 is bound by the
-    host (docs/benchmarks.md, session 14). unsloth's patched training step already skips the train() walk; the hf
-    backend's does not.
-
-    The first `train()` always walks in full (a loaded model's wrapper can be in training mode over an inner model in
-    eval mode), and so does the first after an `eval()` (an evaluation). A submodule switched to eval mode by hand,
-    while the model itself stays in training mode, stays in eval mode until then."""
-
-    def __init__(self, model, trainable):
-        self.model, self.trainable, self.walked = model, trainable, False
-
-    def train(self, mode: bool = True):
-        if mode and self.walked and self.model.training:
-            return self.model
-        self.walked = bool(mode)
-        return self.walk(mode)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        if not set_to_none:
-            return self.clear(set_to_none)
-        for parameter in self.trainable:
-            parameter.grad = None
-
-    def __enter__(self):
-        self.saved = {name: self.model.__dict__[name] for name in ("train", "zero_grad") if name in self.model.__dict__}
-        self.walk, self.clear = self.model.train, self.model.zero_grad  # the model's own, whoever defined them
-        self.model.train, self.model.zero_grad = self.train, self.zero_grad
-        return self
-
-    def __exit__(self, *exc) -> None:
-        del self.model.train, self.model.zero_grad
-        self.model.__dict__.update(self.saved)
 
 
 def _events_callback(metrics_path: Path, started: float):
@@ -244,80 +189,6 @@ def _events_callback(metrics_path: Path, started: float):
             events.info("train.step", **record)
 
     return StepEvents()
-
-
-def _LeanSFTTrainer():
-    from transformers import Trainer
-    from trl import SFTTrainer
-
-    class LeanSFTTrainer(SFTTrainer):
-        """trl's SFTTrainer without its per-step entropy and token-accuracy metrics: they take a softmax over the
-        full logits (batch × sequence × vocabulary) and several host syncs every step, for numbers we do not log.
-        The loss is the model's own, exactly as SFTTrainer computes it."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-
-        # transformers counts the tokens of each micro-batch with `.item()` right after its backward is queued, so
-        # the GPU idles while the host then queues gradient clipping and the optimizer step. Keep the count on the
-        # device and read it where the host waits anyway: when a log line reads the loss, and before a checkpoint.
-        _pending_tokens = None
-
-        def _track_num_input_tokens(self, inputs):
-            import torch
-
-            mask = inputs.get("attention_mask")
-            if mask is None:  # no padding to skip: a mask of ones left out, or trl's padding-free rows
-                count = inputs[getattr(self.model, "main_input_name", "input_ids")].numel()
-            elif mask.device.type == "cpu":
-                count = int(mask.sum())  # no device involved, nothing to wait for
-            else:
-                count = mask.sum(dtype=torch.int64)  # queued behind the backward, read at the next flush
-            self._pending_tokens = count if self._pending_tokens is None else self._pending_tokens + count
-
-        def _flush_token_count(self):
-            import torch
-
-            if self._pending_tokens is None:
-                return
-            pending = torch.as_tensor(self._pending_tokens, dtype=torch.int64).to(self.args.device)
-            self.state.num_input_tokens_seen += int(self.accelerator.gather(pending).sum().item())
-            self._pending_tokens = None
-
-        def log(self, logs, start_time=None):
-            self._flush_token_count()
-            super().log(logs, start_time)
-
-        def _save_checkpoint(self, model, trial):
-            self._flush_token_count()
-            return super()._save_checkpoint(model, trial)
-
-        def floating_point_ops(self, inputs):
-            # The trainer's FLOP count walks every parameter of the model on each micro-batch; nothing reads it.
-            return 0
-
-        _trainable = None  # the parameters that get gradients, listed once a train()
-
-        def train(self, *args, **kwargs):
-            self._trainable = [p for p in self.model.parameters() if p.requires_grad]
-            try:
-                with ModuleWalksOnce(self.model, self._trainable):
-                    return super().train(*args, **kwargs)
-            finally:
-                self._trainable = None
-
-        def _clip_grad_norm(self, model):
-            # transformers clips model.parameters(), a walk of every module a step; the frozen ones have no gradient
-            # to clip. Sharded and sagemaker setups keep transformers' own path: theirs compare the list to the model's.
-            from accelerate.utils import DistributedType
-            from transformers.utils import is_sagemaker_mp_enabled
-
-            plain = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
-            if self._trainable is None or not plain or is_sagemaker_mp_enabled() or self._has_mixed_mesh_grads(model):
-                return super()._clip_grad_norm(model)
-            return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
-
-    return LeanSFTTrainer
 
 
 def _checkpoint_callback(plan: CheckpointPlan, stop: StopRequest, metrics_path: Path):
@@ -408,7 +279,12 @@ def _restore_metrics(resume_from: Path, metrics_path: Path, callback) -> None:
 
 def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, info: dict, *,
         checkpoints: CheckpointPlan | None = None, stop: StopRequest | None = None, eval_dataset=None,
-        report_to: list[str] | None = None, logging_dir: Path | None = None) -> TrainResult:
+        report_to: list[str] | None = None, logging_dir: Path | None = None, extra_callbacks: Sequence = (),
+        trainer_variant: TrainerVariant | None = None) -> TrainResult:
+    """Train `model` on `dataset` as `training` says, writing metrics.jsonl to `work_dir`.
+
+    `extra_callbacks` (transformers TrainerCallbacks) are called after job's own, and `trainer_variant` departs from
+    job's trainer: both for benchmarks and tests that observe or compare the training loop; `job run` uses neither."""
     import torch
     from transformers import PrinterCallback
 
@@ -435,10 +311,10 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
         from transformers.integrations import TensorBoardCallback
 
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(logging_dir))))
-    trainer = _LeanSFTTrainer()(model=model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
-                                processing_class=tokenizer, callbacks=callbacks)
+    callbacks.extend(extra_callbacks)
+    trainer = make_trainer(trainer_variant or TrainerVariant(), config, model=model, train_dataset=dataset,
+                           eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; our callback emits events instead
-    trainer.data_collator = WithoutFullAttentionMask(trainer.data_collator)  # read when train() makes its loader
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     resumed_step = checkpoint_step(resume_from) if resume_from else None

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from job import llamacpp, log
-from job.errors import SpecError, VerificationError
+from job.errors import NotFoundError, SpecError, VerificationError
 
 EVALUATION_FILE = "verification/evaluation.json"  # in the run folder: what `job verify` scores again
 WINDOW = 256  # tokens a window; llama-perplexity scores the second half of each
@@ -700,15 +700,15 @@ def verify_published(location: str, run_id: str, base_path: Path, tools: llamacp
     """Every gate of `job run` again, on a published run's files (a local run folder or an s3:// run prefix): the
     checksums in its manifest, then the distribution, tokenizer and end-of-turn gates against the evaluation set the
     run scored (verification/evaluation.json), with the base model at base_path."""
+    from job import rundir
     from job.model import load_tokenizer
-    from job.publish import MANIFEST
     from job.storage import LocalStorage, open_location, sha256_file
 
     store = open_location(location, s3)
-    if not store.exists(f"{run_id}/{MANIFEST}"):
-        raise SpecError(f"{location}/{run_id} has no {MANIFEST}: it is not a published run",
-                        hint=f"`job runs show {location}/{run_id}` says what is there")
-    manifest = json.loads(store.read_bytes(f"{run_id}/{MANIFEST}"))
+    manifest = rundir.read_manifest(store, run_id)
+    if manifest is None:
+        raise NotFoundError(f"{location}/{run_id} has no {rundir.MANIFEST}: it is not a published run",
+                            hint=f"`job runs show {location}/{run_id}` says what is there")
     if isinstance(store, LocalStorage):
         run_dir = store.root / run_id
     else:

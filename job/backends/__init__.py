@@ -22,15 +22,6 @@ def pick(training: TrainingSection, cuda: bool) -> str:
     return training.backend
 
 
-def weights_needed(backend: str, precision: str, merged: bool) -> str:
-    """Which base weights the run must fetch (model.fetch's `weights`): '4bit' only for unsloth QLoRA that exports just
-    the adapter, where unsloth's pre-quantized checkpoint serves; everything else (16-bit training, the hf backend,
-    a merged export and its check against the adapter on the 16-bit base) needs the plain 16-bit weights. `auto`
-    precision may resolve to 16-bit (it did for 8B on an H200), so it needs them too. Not wired into `job run` yet:
-    it fetches the plain weights always (docs/recipes.md)."""
-    return "4bit" if backend == "unsloth" and precision == "4bit" and not merged else "16bit"
-
-
 def check_precision(precision: str, backend: str, capability: tuple[int, int] | None) -> None:
     """fp8 needs unsloth on a card with fp8 matmuls (Hopper or newer): refused, never silently replaced."""
     if precision != "fp8":

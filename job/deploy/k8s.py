@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from job.errors import RenderError
+
 OVERLAYS = ("gke", "eks")
 FORMATS = ("job", "trainjob")
 SPEC_KEY = "spec.yaml"
@@ -43,10 +45,6 @@ _REMOTE = ("s3://", "https://", "http://")
 
 # Strategic merge keys of the lists our patches touch (Kubernetes API types); other lists replace.
 _MERGE_KEYS = {"containers": "name", "env": "name", "volumes": "name", "volumeMounts": "mountPath"}
-
-
-class RenderError(ValueError):
-    """The arguments cannot make a valid Job (bad sweep, unknown overlay, unreadable spec)."""
 
 
 @dataclass(frozen=True)
@@ -72,9 +70,9 @@ class Layout:
 
 
 def manifest_dir() -> Path:
-    """k8s/ next to the package in a checkout, or job/data/k8s when installed as package data."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "data" / "k8s", here.parent / "k8s"):
+    """k8s/ next to the package in a checkout, or job/resources/k8s when installed as package data."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "resources" / "k8s", package.parent / "k8s"):
         if (candidate / "base" / "job.yaml").is_file():
             return candidate
     raise RenderError("cannot find the k8s/ manifests (k8s/base/job.yaml) next to the job package")

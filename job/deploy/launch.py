@@ -20,6 +20,7 @@ import urllib.request
 from typing import Any
 
 from job import errors
+from job.errors import LaunchError, ProviderError
 
 RUNPOD_API = "https://rest.runpod.io/v1"
 LAMBDA_API = "https://cloud.lambda.ai/api/v1"
@@ -28,15 +29,6 @@ TIMEOUT_S = 30
 # Where the container writes; the image's root filesystem stays read-only, as on Kubernetes.
 CACHE_DIR = "/cache"
 SCRATCH_DIR = "/scratch"
-
-
-class LaunchError(RuntimeError):
-    """The provider refused or failed the launch; the message is safe to print."""
-
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
 
 
 def job_env(spec_uri: str, *, overrides: dict[str, str] | None = None,
@@ -81,10 +73,10 @@ def runpod_request(*, name: str, image: str, gpu_type_ids: list[str], env: dict[
 
 def launch_runpod(api_key: str, body: dict[str, Any], *, api_url: str = RUNPOD_API) -> str:
     """Create the pod; returns its id."""
-    reply = _post(f"{api_url.rstrip('/')}/pods", body, api_key)
+    reply = _post(f"{api_url.rstrip('/')}/pods", body, api_key, provider="RunPod")
     pod_id = reply.get("id") if isinstance(reply, dict) else None
     if not pod_id:
-        raise LaunchError("RunPod answered without a pod id")
+        raise ProviderError("answered without a pod id", provider="RunPod")
     return str(pod_id)
 
 
@@ -151,10 +143,10 @@ def lambda_request(*, name: str, region: str, instance_type: str, ssh_key: str, 
 
 def launch_lambda(api_key: str, body: dict[str, Any], *, api_url: str = LAMBDA_API) -> str:
     """Launch the instance; returns its id."""
-    reply = _post(f"{api_url.rstrip('/')}/instance-operations/launch", body, api_key)
+    reply = _post(f"{api_url.rstrip('/')}/instance-operations/launch", body, api_key, provider="Lambda Cloud")
     ids = (reply.get("data") or {}).get("instance_ids") if isinstance(reply, dict) else None
     if not ids:
-        raise LaunchError("Lambda Cloud answered without an instance id")
+        raise ProviderError("answered without an instance id", provider="Lambda Cloud")
     return str(ids[0])
 
 
@@ -262,7 +254,7 @@ def torchrun(argv: list[str]) -> int:
 # --- HTTP -----------------------------------------------------------------------------------
 
 
-def _post(url: str, body: dict[str, Any], api_key: str) -> Any:
+def _post(url: str, body: dict[str, Any], api_key: str, *, provider: str) -> Any:
     request = urllib.request.Request(
         url,
         data=json.dumps(body).encode(),
@@ -278,15 +270,15 @@ def _post(url: str, body: dict[str, Any], api_key: str) -> Any:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
             return json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as e:
-        raise _api_error(e.code, e.read(), api_key) from None
+        raise _api_error(e.code, e.read(), api_key, provider) from None
     except (urllib.error.URLError, TimeoutError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise LaunchError(_scrub(f"cannot reach {url}: {reason}", api_key)) from None
+        raise ProviderError(_scrub(f"cannot reach {url}: {reason}", api_key), provider=provider) from None
     except json.JSONDecodeError:
-        raise LaunchError(f"{url} answered with something that is not JSON") from None
+        raise ProviderError(f"{url} answered with something that is not JSON", provider=provider) from None
 
 
-def _api_error(status: int, raw: bytes, api_key: str) -> LaunchError:
+def _api_error(status: int, raw: bytes, api_key: str, provider: str) -> ProviderError:
     """Lambda: {"error": {"code", "message", "suggestion"}}; RunPod: {"error": "..."} or text."""
     code = None
     text = raw.decode("utf-8", "replace").strip()
@@ -309,7 +301,7 @@ def _api_error(status: int, raw: bytes, api_key: str) -> LaunchError:
     message = f"HTTP {status}" + (f" {code}" if code else "") + f": {text[:500] or 'no details'}"
     if hint:
         message += f" [{hint}]"
-    return LaunchError(_scrub(message, api_key), status=status, code=code)
+    return ProviderError(_scrub(message, api_key), provider=provider, status=status, code=code)
 
 
 def _scrub(text: str, secret: str) -> str:

@@ -9,8 +9,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from job import errors, k8s
-from job.cli_deploy import k8s as k8s_group
+from job import errors
+from job.deploy import k8s
+from job.cli.k8s import k8s as k8s_group
 
 from deploy_tools import K8S, kustomize, run_checkov, validate_k8s, write_docs
 

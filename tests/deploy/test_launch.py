@@ -8,8 +8,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from job import errors, launch
-from job.cli_deploy import launch as launch_group
+from job import errors
+from job.deploy import launch
+from job.cli.launch import launch as launch_group
 
 import fake_apis
 

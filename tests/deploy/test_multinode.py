@@ -21,9 +21,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from job import errors, k8s
-from job.cli_deploy import k8s as k8s_group
-from job.cli_deploy import launch as launch_group
+from job import errors
+from job.deploy import k8s
+from job.cli.k8s import k8s as k8s_group
+from job.cli.launch import launch as launch_group
 
 from deploy_tools import (K8S, ROOT, require, run_checkov, sky_python, validate_crd, validate_k8s,
                           write_docs)

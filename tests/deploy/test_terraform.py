@@ -12,7 +12,7 @@ import hcl2
 import pytest
 import yaml
 
-from job import k8s
+from job.deploy import k8s
 
 from deploy_tools import K8S, TERRAFORM, require, run_checkov
 

@@ -142,7 +142,7 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
                                   "identity-placeholders", "scripts", "web-text", "prompt-completion", "long-rows"])
 def test_a_dataset_trained_2_5_and_20_steps_passes_every_gate(name, datasets, smoke_model_dir, tmp_path):
     from job import backends, data, llamacpp, model, train
-    from job.cli import paths_from_env
+    from job.cli.common import paths_from_env
     from job.storage import S3Settings
 
     spec = spec_for(datasets[name], tmp_path / "runs")

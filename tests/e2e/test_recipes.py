@@ -36,7 +36,7 @@ SPEC_TOKEN = "hf_spectoken0123456789abcdefghij"
 
 @pytest.mark.parametrize("spec_file", sorted(RECIPES))
 def test_example_validates_unchanged(spec_file):
-    from job.cli import main
+    from job.cli.main import main
 
     result = CliRunner().invoke(main, ["validate", "--spec", str(EXAMPLES / spec_file)])
     assert result.exit_code == 0, result.output

@@ -60,7 +60,8 @@ def test_the_bare_loop_may_only_come_first_in_a_comparison(tmp_path):
 
 def test_the_interleaved_comparison_and_the_step_factors_run_on_the_cpu(tmp_path):
     """`--variant interleaved` (bare blocks between job's steps in one process) and bench/step_factors.py, the two
-    in-process comparisons of session 13: each row carries both paths' figures."""
+    comparisons inside one process, where a host whose speed drifts slows both paths alike: each row carries both
+    paths' figures."""
     made = bench("make-model", "--shape", "tiny", "--dir", str(tmp_path / "tiny"), cwd=tmp_path)
     assert made.returncode == 0, made.stderr[-3000:]
     rows = tmp_path / "rows.jsonl"

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from job.backends import weights_needed
 from job.errors import EXIT_NOT_FOUND, EXIT_TRANSIENT, NotFoundError, SpecError
 from job.model import fetch, hub_candidates, plain_counterpart
 from job.spec import ModelSection
@@ -55,18 +54,6 @@ def test_a_4bit_adapter_only_run_prefers_unsloths_prequantized_checkpoint():
     assert hub_candidates("unsloth/Meta-Llama-3.1-8B", "4bit") == ["unsloth/Meta-Llama-3.1-8B-bnb-4bit", "unsloth/Meta-Llama-3.1-8B"]
     assert hub_candidates("unsloth/llama-3-8b-bnb-4bit", "4bit") == ["unsloth/llama-3-8b-bnb-4bit"]
     assert hub_candidates("meta-llama/Llama-3.1-8B", "4bit") == ["meta-llama/Llama-3.1-8B"]
-
-
-@pytest.mark.parametrize(("backend", "precision", "merged", "weights"), [
-    ("unsloth", "auto", False, "16bit"),  # auto may choose a 16-bit base
-    ("unsloth", "4bit", False, "4bit"),
-    ("unsloth", "auto", True, "16bit"),  # merging needs the 16-bit base
-    ("unsloth", "16bit", False, "16bit"),
-    ("hf", "auto", False, "16bit"),  # hf quantizes the plain weights itself
-    ("hf", "4bit", False, "16bit"),
-])
-def test_weights_needed(backend, precision, merged, weights):
-    assert weights_needed(backend, precision, merged) == weights
 
 
 # --- local directory and s3:// (real) ----------------------------------------------------------------------------

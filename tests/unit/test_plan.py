@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from job import plan
-from job.cli import main
+from job.cli.main import main
 from job.spec import ModelSection, Spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -182,7 +182,7 @@ def test_fp8_only_on_compute_capability_9():
 
 def test_tokens_counted_with_the_tokenizer_and_estimated_without(smoke_model_dir, smoke_tokenizer, tmp_path):
     spec = Spec.model_validate({"model": {"name": str(smoke_model_dir)},
-                                "data": {"source": "pkg://job/data/identity.jsonl", "format": "messages"},
+                                "data": {"source": "pkg://job/resources/identity.jsonl", "format": "messages"},
                                 "training": {"max_seq_length": 256}})
     counted = plan.count_tokens(spec, work_dir=tmp_path, tokenizer=smoke_tokenizer)
     estimated = plan.count_tokens(spec, work_dir=tmp_path)
@@ -225,7 +225,7 @@ def test_every_example_gets_a_table_and_json(path):
 
 
 def test_a_gguf_tokenizer_counts_what_the_run_counts(smoke_tokenizer, tmp_path):
-    from job.cli_plan import _tokenizer_at_hand
+    from job.cli.plan import _tokenizer_at_hand
 
     spec = Spec.model_validate(yaml.safe_load((REPO / "examples/smoke.yaml").read_text()))
     rebuilt = _tokenizer_at_hand(spec.model, tmp_path)  # from the GGUF, as `job plan` does it

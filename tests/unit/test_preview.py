@@ -6,7 +6,7 @@ import yaml
 from click.testing import CliRunner
 
 from job import preview
-from job.cli import main
+from job.cli.main import main
 from job.spec import DataSection
 from job.storage import S3Settings
 

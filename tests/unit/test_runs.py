@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 from job import publish, runs
-from job.cli import main
+from job.cli.main import main
 from job.spec import Spec
 from job.storage import S3Settings, open_location
 

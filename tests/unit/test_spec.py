@@ -4,7 +4,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from job import cli
+from job.cli.main import main
 from job.errors import EXIT_USER, SpecError
 from job.spec import Spec, env_overrides, parse_set, resolve
 
@@ -63,7 +63,7 @@ def test_run_id_is_stable_and_changes_with_the_spec():
 def test_validate_prints_resolved_spec_with_secret_masked(tmp_path, monkeypatch):
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump({**MINIMAL, "model": {"name": "m/x", "token": "hf_supersecrettoken123"}}))
-    result = CliRunner().invoke(cli.main, ["validate", "--spec", str(spec_file), "--set", "lora.r=8"])
+    result = CliRunner().invoke(main, ["validate", "--spec", str(spec_file), "--set", "lora.r=8"])
     assert result.exit_code == 0, result.output
     assert "hf_supersecrettoken123" not in result.output
     printed = yaml.safe_load(result.output)
@@ -73,7 +73,7 @@ def test_validate_prints_resolved_spec_with_secret_masked(tmp_path, monkeypatch)
 def test_validate_reads_inline_env_spec(monkeypatch):
     monkeypatch.setenv("JOB_SPEC", json.dumps(MINIMAL))
     monkeypatch.setenv("JOB__TRAINING__MAX_STEPS", "7")
-    result = CliRunner().invoke(cli.main, ["validate"])
+    result = CliRunner().invoke(main, ["validate"])
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.output)["training"]["max_steps"] == 7
 
@@ -83,7 +83,7 @@ def test_invalid_spec_exits_2_and_writes_nothing(tmp_path, monkeypatch):
     out = tmp_path / "out"
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump({**MINIMAL, "run": {"output": str(out)}, "lora": {"r": -1}}))
-    result = CliRunner().invoke(cli.main, ["run", "--spec", str(spec_file)])
+    result = CliRunner().invoke(main, ["run", "--spec", str(spec_file)])
     assert result.exit_code == EXIT_USER
     assert "lora.r" in result.output
     assert not out.exists()
@@ -92,7 +92,7 @@ def test_invalid_spec_exits_2_and_writes_nothing(tmp_path, monkeypatch):
 def test_missing_spec_is_a_user_error(monkeypatch):
     monkeypatch.delenv("JOB_SPEC", raising=False)
     monkeypatch.delenv("JOB_SPEC_URI", raising=False)
-    result = CliRunner().invoke(cli.main, ["validate"])
+    result = CliRunner().invoke(main, ["validate"])
     assert result.exit_code == EXIT_USER and "no run spec" in result.output
 
 
@@ -100,14 +100,14 @@ def test_spec_from_s3(s3_env, bucket):
     import boto3
 
     boto3.client("s3").put_object(Bucket=bucket, Key="specs/a.yaml", Body=yaml.safe_dump(MINIMAL).encode())
-    result = CliRunner().invoke(cli.main, ["validate", "--spec", f"s3://{bucket}/specs/a.yaml"])
+    result = CliRunner().invoke(main, ["validate", "--spec", f"s3://{bucket}/specs/a.yaml"])
     assert result.exit_code == 0, result.output
-    missing = CliRunner().invoke(cli.main, ["validate", "--spec", f"s3://{bucket}/specs/nope.yaml"])
+    missing = CliRunner().invoke(main, ["validate", "--spec", f"s3://{bucket}/specs/nope.yaml"])
     assert missing.exit_code == 3
 
 
 def test_schema_lists_every_section():
-    result = CliRunner().invoke(cli.main, ["schema"])
+    result = CliRunner().invoke(main, ["schema"])
     schema = json.loads(result.output)
     assert set(schema["properties"]) == {"run", "model", "lora", "data", "training", "export", "logging"}
 
@@ -118,7 +118,7 @@ def test_every_example_spec_validates():
     examples = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
     assert examples
     for path in examples:
-        result = CliRunner().invoke(cli.main, ["validate", "--spec", str(path)])
+        result = CliRunner().invoke(main, ["validate", "--spec", str(path)])
         assert result.exit_code == 0, (path, result.output)
 
 

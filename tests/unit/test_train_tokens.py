@@ -68,7 +68,7 @@ def test_collating_in_worker_processes_trains_on_the_same_batches(tmp_path, smok
 def test_a_mask_that_masks_nothing_is_left_out_of_the_batch_and_a_padded_or_packed_one_is_kept(smoke_tokenizer):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from job.train import WithoutFullAttentionMask
+    from job.trainer_overrides import WithoutFullAttentionMask
 
     pad = smoke_tokenizer.pad_token_id
     collate = WithoutFullAttentionMask(DataCollatorForLanguageModeling(pad_token_id=pad))
@@ -81,40 +81,39 @@ def test_a_mask_that_masks_nothing_is_left_out_of_the_batch_and_a_padded_or_pack
     assert "attention_mask" in packed([{"input_ids": [10, 11, 12]}, {"input_ids": [13, 14, 15]}])
 
 
-def test_leaving_out_a_mask_of_ones_trains_exactly_as_with_it(tmp_path, smoke_tokenizer, monkeypatch):
+def test_leaving_out_a_mask_of_ones_trains_exactly_as_with_it(tmp_path, smoke_tokenizer):
     """Rows of one length: every batch's mask is all ones, so job leaves it out. The losses and token counts must be
     those of the same run with the mask passed to the model."""
     import datasets
 
     from job import train
     from job.spec import TrainingSection
+    from job.trainer_overrides import TrainerVariant
 
     rows = [list(range(10 + i, 18 + i)) for i in range(8)]
     data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
     training = TrainingSection(max_steps=4, batch_size=2, gradient_accumulation_steps=1, optim="adamw_torch",
                                warmup_steps=0, max_seq_length=64)
-    seen = []  # the masks the model's batches carried in the first run: none, if train.run wires the wrapper in
-
-    class Watched(train.WithoutFullAttentionMask):
-        def __call__(self, examples):
-            batch = super().__call__(examples)
-            seen.append("attention_mask" in batch)
-            return batch
-
-    runs = {}
+    runs, masks = {}, {}
     for mask in ("left out", "passed"):
-        monkeypatch.setattr(train, "WithoutFullAttentionMask", Watched if mask == "left out" else lambda collate: collate)
+        model = tiny_lora_model(len(smoke_tokenizer))
+        seen = masks[mask] = []  # whether each call of the model carried a mask
+
+        def watch(module, args, kwargs, seen=seen):
+            seen.append("attention_mask" in kwargs)
+        model.register_forward_pre_hook(watch, with_kwargs=True)
         (tmp_path / mask).mkdir()
-        result = train.run(tiny_lora_model(len(smoke_tokenizer)), smoke_tokenizer, data, training, tmp_path / mask,
-                           {"dtype": "float32", "backend": "hf"})
+        result = train.run(model, smoke_tokenizer, data, training, tmp_path / mask, {"dtype": "float32", "backend": "hf"},
+                           trainer_variant=TrainerVariant(full_attention_mask=mask == "passed"))
         runs[mask] = [(r["step"], r["tokens"], r["loss"]) for r in map(json.loads, result.metrics_path.read_text().splitlines())]
-    assert len(seen) >= 4 and not any(seen)
+    assert len(masks["left out"]) >= 4 and not any(masks["left out"])
+    assert len(masks["passed"]) >= 4 and all(masks["passed"])
     assert len(runs["passed"]) == 4 and runs["passed"][-1][1] == 4 * 2 * 8
     assert runs["left out"] == runs["passed"]
 
 
 def test_module_walks_once_keeps_every_module_in_the_mode_it_asks_for():
-    from job.train import ModuleWalksOnce
+    from job.trainer_overrides import ModuleWalksOnce
 
     model = tiny_lora_model(64)
     model.base_model.eval()  # as a loaded model can be: its wrapper in training mode over an inner model in eval mode
@@ -137,7 +136,7 @@ def test_module_walks_once_keeps_every_module_in_the_mode_it_asks_for():
     assert "train" not in model.__dict__ and "zero_grad" not in model.__dict__
 
 
-def test_skipping_the_per_step_module_walks_trains_exactly_as_transformers_own_loop(tmp_path, smoke_tokenizer, monkeypatch):
+def test_skipping_the_per_step_module_walks_trains_exactly_as_transformers_own_loop(tmp_path, smoke_tokenizer):
     """job's trainer walks the module tree once a run, not three times a step (train(), zero_grad(), the clip's
     parameter list). LoRA dropout makes training mode matter, and the model starts half in eval mode: the losses,
     gradient norms and token counts must be those of transformers' own loop."""
@@ -148,6 +147,7 @@ def test_skipping_the_per_step_module_walks_trains_exactly_as_transformers_own_l
 
     from job import train
     from job.spec import TrainingSection
+    from job.trainer_overrides import TrainerVariant, lean_sft_trainer
 
     def model():
         torch.manual_seed(0)
@@ -162,26 +162,25 @@ def test_skipping_the_per_step_module_walks_trains_exactly_as_transformers_own_l
     data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
     training = TrainingSection(max_steps=4, batch_size=2, gradient_accumulation_steps=1, optim="adamw_torch",
                                warmup_steps=0, max_seq_length=64, max_grad_norm=0.01)
-    lean = train._LeanSFTTrainer
+    lean = lean_sft_trainer()
+    # job's trainer with transformers' own train() and clipping
+    walking = type("Walking", (lean,), {"train": lean.__mro__[1].train, "_clip_grad_norm": Trainer._clip_grad_norm})
+    variants = {"job": TrainerVariant(), "transformers": TrainerVariant(trainer_class=walking)}
     walks = []
-
-    def walking():  # job's trainer with transformers' own train() and clipping
-        cls = lean()
-        return type("Walking", (cls,), {"train": cls.__mro__[1].train, "_clip_grad_norm": Trainer._clip_grad_norm})
 
     runs, trained = {}, {}
     for loop in ("job", "transformers"):
-        monkeypatch.setattr(train, "_LeanSFTTrainer", lean if loop == "job" else walking)
         net = model()
         leaf = net.base_model.model.model.layers[1].mlp.down_proj.lora_dropout["default"]
         counted = type(leaf).train
 
-        def counting(mode=True, leaf=leaf, loop=loop):
+        def counting(mode=True, leaf=leaf, loop=loop, counted=counted):
             walks.append(loop)
             return counted(leaf, mode)
         leaf.train = counting
         (tmp_path / loop).mkdir()
-        result = train.run(net, smoke_tokenizer, data, training, tmp_path / loop, {"dtype": "float32", "backend": "hf"})
+        result = train.run(net, smoke_tokenizer, data, training, tmp_path / loop, {"dtype": "float32", "backend": "hf"},
+                           trainer_variant=variants[loop])
         runs[loop] = [(r["step"], r["tokens"], r["loss"], r["grad_norm"]) for r in map(json.loads, result.metrics_path.read_text().splitlines())]
         trained[loop] = [p.detach().clone() for p in net.parameters() if p.requires_grad]
         assert "train" not in net.__dict__ and "zero_grad" not in net.__dict__

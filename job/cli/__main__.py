@@ -1,0 +1,3 @@
+from job.cli.main import main
+
+main()

@@ -1,0 +1,106 @@
+"""What the commands share: the spec options, the spec and machine paths resolved from arguments and environment,
+log set-up with every known secret masked, and the one exit path (`exits`, `fail`), the only sys.exit."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from job import errors, log
+from job import spec as specs
+from job.runtime import Paths
+from job.storage import S3Settings, read_uri
+
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+              "MODELSCOPE_API_TOKEN", "RUNPOD_API_KEY", "LAMBDA_API_KEY", "WANDB_API_KEY")
+
+spec_option = click.option("--spec", "spec_arg", metavar="PATH|s3://…|https://…",
+                           help="The run spec (else env JOB_SPEC or JOB_SPEC_URI).")
+set_option = click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
+                          help="Override a spec field; repeatable.")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def setup_log(environ: dict[str, str], *, spec: specs.Spec | None = None, stream=None, level: str = "INFO") -> None:
+    """Events to `stream` (stderr by default), with the secrets of the environment and of the spec masked."""
+    secrets = [environ.get(name, "") for name in SECRET_ENV]
+    if spec is not None and spec.model.token:
+        secrets.append(spec.model.token.get_secret_value())
+    log.setup(secrets=secrets, stream=stream or sys.stderr, level=level)
+
+
+def resolve_spec(spec_arg: str | None, sets: tuple[str, ...], environ: dict[str, str]) -> specs.Spec:
+    """The spec from --spec, else JOB_SPEC (its text) or JOB_SPEC_URI, with JOB__SECTION__FIELD and --set applied."""
+    if spec_arg:
+        origin = spec_arg
+        text = read_uri(spec_arg, S3Settings()).decode("utf-8")
+    elif environ.get("JOB_SPEC"):
+        origin, text = "env JOB_SPEC", environ["JOB_SPEC"]
+    elif environ.get("JOB_SPEC_URI"):
+        origin = environ["JOB_SPEC_URI"]
+        text = read_uri(origin, S3Settings()).decode("utf-8")
+    else:
+        raise errors.SpecError("no run spec given", hint="pass --spec PATH|s3://…|https://…, or set JOB_SPEC or JOB_SPEC_URI")
+    base = specs.parse_text(text, origin)
+    overrides = specs.env_overrides(environ) + [specs.parse_set(item) for item in sets]
+    return specs.resolve(base, origin, overrides)
+
+
+def paths_from_env(environ: dict[str, str]) -> Paths:
+    cache = Path(environ.get("JOB_CACHE_DIR") or Path(environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "job")
+    return Paths(
+        work_dir=Path(environ.get("JOB_WORK_DIR") or ".job-work"),
+        cache_dir=cache,
+        llama_cpp_dir=Path(environ.get("JOB_LLAMA_CPP_DIR") or cache / "llama.cpp-0.3.36"),
+    )
+
+
+def env_pairs_from(pairs: tuple[str, ...], names: tuple[str, ...], environ: dict[str, str]) -> dict[str, str]:
+    """--env KEY=VALUE pairs, then --pass-env NAME values copied from this shell."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not ENV_NAME.match(key):
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--env")
+        env[key] = value
+    for name in names:
+        if name not in environ:
+            raise click.BadParameter(f"{name} is not set in this shell", param_hint="--pass-env")
+        env[name] = environ[name]
+    return env
+
+
+def exit_with(code: int) -> NoReturn:
+    sys.exit(code)
+
+
+def fail(exc: errors.JobError, *, event: str | None = None) -> NoReturn:
+    """One line on stderr, secrets masked, and the error's exit code; `event` also logs it as that event."""
+    if event:
+        log.get().error(event, error=exc.kind, message=str(exc), exit_code=exc.exit_code)
+    click.echo(f"error: {log.redact_text(str(exc))}", err=True)
+    exit_with(exc.exit_code)
+
+
+@contextlib.contextmanager
+def exits(*, event: str | None = None, crash_event: str = "command.crashed"):
+    """Turns what the block raises into the exit code of errors.EXIT_CODES: a JobError its own, an interrupt 75,
+    anything unexpected 1 with its traceback logged. Click's own usage errors pass through to click (exit 2)."""
+    try:
+        yield
+    except errors.JobError as exc:
+        fail(exc, event=event)
+    except (KeyboardInterrupt, errors.Interrupted) as exc:
+        fail(errors.TransientError(str(exc) or "interrupted", hint="a rerun resumes from the last checkpoint"), event=event)
+    except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        raise
+    except Exception:
+        log.get().exception(crash_event, exit_code=errors.EXIT_BUG)
+        exit_with(errors.EXIT_BUG)
