@@ -100,7 +100,7 @@ def read_rows(data: DataSection, work_dir: Path, s3: S3Settings) -> tuple[list[A
         return _read_local(path), str(path)
     if source.startswith((".", "/", "~")) or source.endswith(SUPPORTED) or source.count("/") > 1:
         raise NotFoundError(f"data.source: no file or directory {source}")
-    return _read_hub(data), f"hub:{source}"
+    return read_hub(data), f"hub:{source}"
 
 
 class _Malformed:
@@ -232,7 +232,7 @@ def _read_url(url: str, work_dir: Path) -> list[Any]:
     return _read_file(local, url)
 
 
-def _read_hub(data: DataSection) -> list[Any]:
+def read_hub(data: DataSection) -> list[Any]:
     import datasets
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 

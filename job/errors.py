@@ -137,17 +137,20 @@ class ToolMissingError(JobError):
     kind = "tool_missing"
 
 
-class RenderError(JobError):
-    """The arguments of `job k8s render` cannot make a valid Job (bad sweep, unknown overlay, unreadable spec)."""
+class UsageError(JobError):
+    """A command's arguments cannot do what they ask; `kind` says which command's."""
 
     exit_code = EXIT_USER
+    kind = "usage"
+
+
+class RenderError(UsageError):
+    """The arguments of `job k8s render` cannot make a valid Job (bad sweep, unknown overlay, unreadable spec)."""
     kind = "render"
 
 
-class LaunchError(JobError):
+class LaunchError(UsageError):
     """A launch request that cannot be made as asked (a local spec, a bad accelerator or name)."""
-
-    exit_code = EXIT_USER
     kind = "launch"
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from job import llamacpp, log
-from job.errors import SpecError
+from job.errors import OutOfResources, SpecError
 from job.model import read_config
 from job.spec import ExportSection, ModelSection
 
@@ -20,6 +20,28 @@ class Exported:
     gguf: dict[str, Path] = field(default_factory=dict)
     merge_method: str | None = None
     llama_cpp: dict | None = None
+
+
+def check_disk(export: ExportSection, config: dict, work_dir: Path) -> None:
+    """Refuse, before training, a run whose merged weights and GGUF files cannot fit the working folder's free space
+    (job.plan.estimate.estimate_disk: the peak while the last quant is made)."""
+    from job.plan.estimate import arch_from_config, estimate_disk
+
+    try:
+        arch = arch_from_config(config)
+    except (KeyError, TypeError, ValueError, SpecError):
+        log.get().info("export.disk_check_skipped", reason="the model's config gives no size")
+        return
+    needed = estimate_disk(arch, merged=export.merged, gguf_types=export.gguf).scratch
+    work_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work_dir).free / 2**30
+    log.get().info("export.disk_checked", needed_gib=round(needed, 2), free_gib=round(free, 2))
+    if needed > free:
+        raise OutOfResources(
+            f"the export needs about {needed:.1f} GiB of scratch disk (merged weights, the bf16 GGUF and the quants) "
+            f"and {work_dir} has {free:.1f} GiB free", where="export",
+            hint="give the pod a larger scratch volume (ephemeral-storage / JOB_WORK_DIR), or publish fewer GGUF types "
+                 "(export.gguf); `job plan` shows the prediction")
 
 
 def save_adapter(model, tokenizer, out_dir: Path) -> Path:

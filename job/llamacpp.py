@@ -72,7 +72,7 @@ def text_architectures(tools: Tools) -> set[str]:
     code = "import json; from conversion import TEXT_MODEL_MAP; print(json.dumps(sorted(TEXT_MODEL_MAP)))"
     env = dict(os.environ, PYTHONPATH=f"{tools.home}{os.pathsep}{tools.home / 'gguf-py'}")
     try:
-        proc = _run([sys.executable, "-c", code], "reading the converter's architectures", env=env, timeout=300)
+        proc = run_tool([sys.executable, "-c", code], "reading the converter's architectures", env=env, timeout=300)
     except VerificationError as exc:
         raise ToolMissingError(f"the llama.cpp converter in {tools.home} does not load: {exc}",
                                hint=f"build the tools again: bash docker/build-llama-cpp.sh {tools.home}") from exc
@@ -93,7 +93,7 @@ def cpu_threads(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return count
 
 
-def _run(cmd: list[str], what: str, env: dict | None = None, timeout: int = 3 * 3600) -> subprocess.CompletedProcess:
+def run_tool(cmd: list[str], what: str, env: dict | None = None, timeout: int = 3 * 3600) -> subprocess.CompletedProcess:
     try:
         # llama-completion prints each token's raw bytes: text cut at the token limit may end inside a character.
         proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, timeout=timeout)
@@ -120,12 +120,12 @@ def _failure(what: str, returncode: int, tail: str) -> JobError:
 
 def convert(tools: Tools, checkpoint: Path, out_file: Path, outtype: str = "bf16", vocab_only: bool = False) -> None:
     env = dict(os.environ, PYTHONPATH=str(tools.home / "gguf-py"), NO_LOCAL_GGUF="")
-    _run([sys.executable, str(tools.converter), str(checkpoint), "--outfile", str(out_file), "--outtype", outtype,
+    run_tool([sys.executable, str(tools.converter), str(checkpoint), "--outfile", str(out_file), "--outtype", outtype,
           *(["--vocab-only"] if vocab_only else [])], "convert_hf_to_gguf.py", env=env)
 
 
 def quantize(tools: Tools, source: Path, target: Path, qtype: str, threads: int) -> None:
-    _run([str(tools.quantize), str(source), str(target), qtype.upper(), str(threads)], f"llama-quantize {qtype}")
+    run_tool([str(tools.quantize), str(source), str(target), qtype.upper(), str(threads)], f"llama-quantize {qtype}")
 
 
 def complete(tools: Tools, gguf: Path, prompt: str, max_tokens: int, threads: int) -> tuple[str, bool]:
@@ -135,7 +135,7 @@ def complete(tools: Tools, gguf: Path, prompt: str, max_tokens: int, threads: in
         fh.write(prompt)
         prompt_file = fh.name
     try:
-        proc = _run(
+        proc = run_tool(
             [str(tools.completion), "-m", str(gguf), "-f", prompt_file, "-n", str(max_tokens), "--temp", "0",
              "--top-k", "1", "-s", "0", "-no-cnv", "--no-display-prompt", "--simple-io", "--no-warmup",
              "-c", "4096", "-t", str(threads), "--no-perf"],
@@ -153,7 +153,7 @@ def tokenize(tools: Tools, gguf: Path, text: str) -> list[int]:
         fh.write(text)
         text_file = fh.name
     try:
-        proc = _run([str(tools.tokenizer), "-m", str(gguf), "-f", text_file, "--ids", "--no-bos", "--no-escape",
+        proc = run_tool([str(tools.tokenizer), "-m", str(gguf), "-f", text_file, "--ids", "--no-bos", "--no-escape",
                      "--log-disable"], f"llama-tokenize on {gguf.name}", timeout=600)
     finally:
         os.unlink(text_file)
@@ -171,7 +171,7 @@ _KLD_LINES = {
 def kl_divergence(tools: Tools, gguf: Path, base: Path, window: int, threads: int) -> dict[str, float]:
     """llama-perplexity's KL-divergence mode: the GGUF scored on the tokens of a reference file (verify.write_kld_base)
     against the reference's log-probabilities. Its summary, as numbers (NaN where the model produced NaN)."""
-    proc = _run([str(tools.perplexity), "-m", str(gguf), "--kl-divergence-base", str(base), "--kl-divergence",
+    proc = run_tool([str(tools.perplexity), "-m", str(gguf), "--kl-divergence-base", str(base), "--kl-divergence",
                  "-c", str(window), "-b", str(max(window, 2048)), "-t", str(threads)],
                 f"llama-perplexity --kl-divergence on {gguf.name}", timeout=3 * 3600)
     text = proc.stdout + proc.stderr

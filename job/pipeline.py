@@ -84,6 +84,8 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
         model.check(fetched, spec.model, spec.training.max_seq_length)
         if tools:
             export.check_convertible(tools, model.read_config(fetched.path))
+        if process.is_main:
+            export.check_disk(spec.export, model.read_config(fetched.path), env.work)
         tokenizer = model.load_tokenizer(fetched.path, spec.model.trust_remote_code)
 
     with stage("load_data", timings, current):

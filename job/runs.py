@@ -54,6 +54,12 @@ def list_runs(location: str, s3: S3Settings) -> list[Run]:
     return [summarize(store, run_id, keys) for run_id, keys in sorted(by_run.items())]
 
 
+def is_run_folder(location: str, s3: S3Settings) -> bool:
+    """Whether LOCATION is one run's folder (OUTPUT/RUN_ID) rather than the output that holds runs."""
+    store = _store(location, s3)
+    return any(store.exists(name) for name in (MANIFEST, FAILURE)) or bool(store.list("checkpoints/"))
+
+
 def find_run(location: str, run_id: str, s3: S3Settings) -> Run:
     store = _store(location, s3)
     keys = {key[len(run_id) + 1 :] for key in store.list(f"{run_id}/")}

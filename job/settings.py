@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from job import backends, log, plan
+from job import backends, log
+from job.plan import estimate
 from job.errors import SpecError
 from job.spec import Spec
 
@@ -45,11 +46,11 @@ def resolve_auto(spec: Spec, config: dict, dataset, device, backend_name: str) -
         return {**{k: (cpu[k] if v == "auto" else v) for k, v in fixed.items()}, "auto": auto,
                 "reason": "on CPU: batch 2, no checkpointing, 16-bit"}
     name, free_gib, capability = device
-    arch = plan.arch_from_config(config, name=spec.model.name)
-    card = plan.gpu_for_device(name, free_gib, capability)
+    arch = estimate.arch_from_config(config, name=spec.model.name)
+    card = estimate.gpu_for_device(name, free_gib, capability)
     longest = max(map(len, dataset["input_ids"]))
     lookup = spec.model_copy(update={"training": training.model_copy(update={"backend": backend_name})})
-    choice = plan.choose_for_spec(lookup, arch, card, longest=longest, rows=len(dataset))
+    choice = estimate.choose_for_spec(lookup, arch, card, longest=longest, rows=len(dataset))
     if not choice.fits:
         raise SpecError(f"{', '.join(auto)}: no configuration fits this GPU: {choice.reason}",
                         hint="lower training.max_seq_length or lora.r, or use a card with more memory (see `job plan`)")

@@ -10,10 +10,12 @@ import difflib
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from job.errors import SpecError
 
@@ -57,6 +59,10 @@ class RunSection(Section):
     @field_validator("output")
     @classmethod
     def _output(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a local directory or s3://bucket/prefix")
+        if value.startswith("~"):
+            value = str(Path(value).expanduser())
         if "://" in value and not value.startswith("s3://"):
             raise ValueError("must be a local path or s3://bucket/prefix")
         if value.startswith("s3://") and not value[5:].split("/")[0]:
@@ -271,9 +277,26 @@ class Spec(Section):
 # --- loading -----------------------------------------------------------------------------------------------
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping: PyYAML would keep the last one silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise SpecError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice in one mapping "
+                                f"(first on line {seen[key]})", hint="remove one; YAML would keep only the last")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_text(text: str, origin: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except SpecError as exc:
+        exc.where = origin
+        raise
     except yaml.YAMLError as exc:
         raise SpecError(f"is not valid YAML or JSON: {exc}", where=origin) from exc
     if not isinstance(data, dict):
@@ -292,6 +315,10 @@ def apply_override(data: dict[str, Any], dotted: str, raw_value: str, origin: st
     path = [p for p in dotted.strip().split(".") if p]
     if not path:
         raise SpecError(f"override {dotted!r} names no field", where=origin)
+    if not raw_value.strip():
+        # An empty JOB__RUN__OUTPUT= would otherwise publish to the file system's root.
+        raise SpecError(f"{'.'.join(path)} is set to an empty value", where=origin,
+                        hint="give it a value, or unset it to keep the spec's")
     node = data
     for key in path[:-1]:
         child = node.setdefault(key, {})
@@ -384,3 +411,59 @@ def resolve(base: dict[str, Any], origin: str, overrides: list[tuple[str, str, s
 
 def json_schema() -> dict[str, Any]:
     return Spec.model_json_schema()
+
+
+def check_override(dotted: str, raw_value: str, where: str) -> None:
+    """One override checked against its field alone (its name, type and bounds), for a spec that is not at hand
+    here (an s3:// or https:// spec a remote machine will read): what can be said before anything is sent."""
+    path = [p for p in dotted.strip().split(".") if p]
+    section: Any = Spec
+    for depth, key in enumerate(path):
+        fields = section.model_fields if isinstance(section, type) and issubclass(section, BaseModel) else {}
+        field = fields.get(key)
+        if field is None:
+            name = ".".join(path[: depth + 1])
+            raise SpecError(f"{name}: unknown field{_did_you_mean(tuple(path[: depth + 1]))} [from {where}]",
+                            hint="see `job schema` for every field")
+        if depth == len(path) - 1:
+            value = _parse_value(raw_value)
+            try:
+                typed = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+                TypeAdapter(typed).validate_python(value)
+            except ValidationError as exc:
+                message = " or ".join(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
+                shown = "" if dotted.strip() in SECRET_FIELDS else f" (got {value!r})"
+                raise SpecError(f"{dotted.strip()}: {message}{shown} [from {where}]",
+                                hint="see `job schema` for every field") from None
+            return
+        section = field.annotation
+    raise SpecError(f"override {dotted!r} names no field", where=where)
+
+
+def check_sendable(base: dict[str, Any] | None, origin: str, experiments: list[list[tuple[str, str, str]]]) -> None:
+    """What `job k8s render` and `job launch` send elsewhere, validated here as the run will validate it, before
+    anything is printed or sent: each experiment's whole spec when its text is at hand (`base`), else each override
+    against its field. A secret field never travels as a value: the target's secret mechanism carries it. The
+    output must be remote: a machine's local disk goes with it."""
+    for dotted in SECRET_FIELDS:
+        section, _, name = dotted.partition(".")
+        if isinstance((base or {}).get(section), dict) and base[section].get(name):
+            raise SpecError(f"{dotted} must not be written into a manifest, task or launch request", where=origin,
+                            hint="remove it from the spec and give the token as HF_TOKEN through the target's secrets: "
+                                 "the hf-token Secret on Kubernetes (docs/deploy.md), --pass-env HF_TOKEN for launch")
+    for overrides in experiments:
+        for dotted, raw, where in overrides:
+            if dotted.strip() in SECRET_FIELDS:
+                raise SpecError(f"{dotted.strip()} must not be written into a manifest, task or launch request "
+                                f"[from {where}]", hint="give the token as HF_TOKEN through the target's secrets: the "
+                                "hf-token Secret on Kubernetes, --pass-env HF_TOKEN for launch targets")
+        if base is not None:
+            output, where = resolve(base, origin, overrides).run.output, origin
+        else:
+            for dotted, raw, where in overrides:
+                check_override(dotted, raw, where)
+            output, where = next(((_parse_value(raw), where) for dotted, raw, where in overrides
+                                  if dotted.strip() == "run.output"), ("s3://", origin))
+        if not str(output).startswith("s3://"):
+            raise SpecError(f"run.output {output!r} is a local path: on a remote machine the artifacts would vanish "
+                            f"with it [from {where}]", hint="set run.output to s3://bucket/prefix")

@@ -4,6 +4,8 @@ log set-up with every known secret masked, and the one exit path (`exits`, `fail
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import re
 import sys
 from pathlib import Path
@@ -19,8 +21,22 @@ from job.storage import S3Settings, read_uri
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
               "MODELSCOPE_API_TOKEN", "RUNPOD_API_KEY", "LAMBDA_API_KEY", "WANDB_API_KEY")
 
-spec_option = click.option("--spec", "spec_arg", metavar="PATH|s3://…|https://…",
-                           help="The run spec (else env JOB_SPEC or JOB_SPEC_URI).")
+
+
+def spec_option(command):
+    """The spec as a positional SPEC or as --spec (either; the same once given twice), passed on as `spec_arg`."""
+
+    @functools.wraps(command)
+    def with_spec(*args, spec_arg: str | None = None, spec_path: str | None = None, **kwargs):
+        if spec_arg and spec_path and spec_arg != spec_path:
+            raise click.UsageError(f"two specs given: {spec_path} and --spec {spec_arg}; give one")
+        return command(*args, spec_arg=spec_arg or spec_path, **kwargs)
+
+    with_spec = click.argument("spec_path", required=False, metavar="[SPEC]")(with_spec)
+    return click.option("--spec", "spec_arg", metavar="PATH|s3://…|https://…",
+                        help="The run spec, also accepted as the first argument (else env JOB_SPEC or "
+                             "JOB_SPEC_URI).")(with_spec)
+
 set_option = click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
                           help="Override a spec field; repeatable.")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -51,6 +67,26 @@ def resolve_spec(spec_arg: str | None, sets: tuple[str, ...], environ: dict[str,
     base = specs.parse_text(text, origin)
     overrides = specs.env_overrides(environ) + [specs.parse_set(item) for item in sets]
     return specs.resolve(base, origin, overrides)
+
+
+def check_sendable(spec_ref: str, spec_text: str | None, sets: tuple[str, ...], sweeps: tuple[str, ...] = ()) -> None:
+    """A spec with the --set and --sweep values a remote target will apply, validated here as `job run` will
+    validate it there (job.spec.check_sendable), so a typo costs an exit 2 now, not a rented GPU later."""
+    from job.deploy.k8s import parse_assignment, parse_sweep
+
+    base = specs.parse_text(spec_text, spec_ref) if spec_text is not None else None
+    fixed = [(key, value, f"--set {key}") for key, value in map(parse_assignment, sets)]
+    swept = [[(key, value, f"--sweep {key}") for value in values] for key, values in map(parse_sweep, sweeps)]
+    specs.check_sendable(base, spec_ref, [fixed + list(point) for point in itertools.product(*swept)])
+
+
+def refuse_secret_values(env: dict[str, str], option: str) -> None:
+    """Values that end up in a file a user applies or commits may not be credentials."""
+    for name in env:
+        if name in SECRET_ENV:
+            raise errors.SpecError(f"{option} {name}=… would write a credential into the rendered file",
+                                   hint="keep it in the target's secrets: a Kubernetes Secret (docs/deploy.md), or "
+                                        "--pass-env NAME for SkyPilot, which sends a reference")
 
 
 def paths_from_env(environ: dict[str, str]) -> Paths:

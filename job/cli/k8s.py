@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from job.cli.common import env_pairs_from, exits
+from job.cli.common import check_sendable, env_pairs_from, exits, refuse_secret_values, spec_option
 from job.deploy import k8s as k8s_lib
 
 
@@ -17,7 +17,7 @@ def k8s() -> None:
 
 
 @k8s.command("render")
-@click.argument("spec")
+@spec_option
 @click.option("--sweep", "sweeps", multiple=True, metavar="SECTION.FIELD=V1,V2",
               help="Values to sweep; several --sweep options make their cartesian product.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
@@ -39,23 +39,28 @@ def k8s() -> None:
               help="TrainJob only: the ClusterTrainingRuntime to run on (job-torch: k8s/trainer/).")
 @click.option("--cluster-domain", default=k8s_lib.CLUSTER_DOMAIN, show_default=True,
               help="The cluster's DNS domain, in the rendezvous address of pod 0.")
-def render(spec: str, sweeps, sets, overlay, image, namespace, run_id, env_pairs, nodes, gpus_per_node,
+def render(spec_arg: str | None, sweeps, sets, overlay, image, namespace, run_id, env_pairs, nodes, gpus_per_node,
            fmt, runtime, cluster_domain) -> None:
     """Print a Job (and a ConfigMap with the spec) per experiment, for `kubectl apply -f -`.
 
     SPEC is a local YAML file, which travels in a ConfigMap, or an s3:// or https:// URI that
     the Job reads itself. --nodes and --gpus-per-node spread each run over several GPUs and hosts.
     """
+    if not spec_arg:
+        raise click.UsageError("name the spec: job k8s render SPEC (a local YAML file, s3:// or https://)")
+    spec = spec_arg
     text = None
     if not k8s_lib.is_remote(spec):
         try:
             text = Path(spec).read_text()
         except OSError as e:
             raise click.BadParameter(f"cannot read {spec}: {e.strerror}", param_hint="SPEC") from None
+    env = env_pairs_from(env_pairs, (), dict(os.environ))
     with exits():
+        check_sendable(spec, text, sets, sweeps)
+        refuse_secret_values(env, "--env")
         docs = k8s_lib.render(spec, spec_text=text, overlay=overlay, sweeps=list(sweeps),
-                              sets=list(sets), image=image, namespace=namespace, run_id=run_id,
-                              env=env_pairs_from(env_pairs, (), dict(os.environ)),
+                              sets=list(sets), image=image, namespace=namespace, run_id=run_id, env=env,
                               layout=k8s_lib.Layout(nodes, gpus_per_node),
                               fmt=fmt, runtime=runtime, cluster_domain=cluster_domain)
     click.echo(k8s_lib.dump(docs), nl=False)

@@ -5,12 +5,14 @@ API keys come from the environment only (RUNPOD_API_KEY, LAMBDA_API_KEY) and are
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import click
 
-from job.cli.common import ENV_NAME, env_pairs_from, exits
+from job import errors
+from job.cli.common import ENV_NAME, check_sendable, env_pairs_from, exits, refuse_secret_values, spec_option
 from job.deploy import k8s as k8s_lib
 from job.deploy import launch as launch_lib
 
@@ -28,7 +30,7 @@ def launch() -> None:
 
 
 _common = [
-    click.argument("spec_uri"),
+    spec_option,
     click.option("--image", required=True, help="Image reference the provider pulls."),
     click.option("--name", help="Pod or instance name; default: job-<spec file name>."),
     click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
@@ -40,13 +42,20 @@ _common = [
 ]
 
 
-def _with_common(f):
+def _with_common(command):
+    def with_spec_uri(*args, spec_arg: str | None = None, **kwargs):
+        if not spec_arg:
+            raise click.UsageError("name the spec: an s3:// or https:// URI the machine can read")
+        return command(*args, spec_uri=spec_arg, **kwargs)
+
+    with_spec_uri = functools.wraps(command)(with_spec_uri)
     for decorator in reversed(_common):
-        f = decorator(f)
-    return f
+        with_spec_uri = decorator(with_spec_uri)
+    return with_spec_uri
 
 
 def _job_env(spec_uri, sets, env_pairs, pass_env) -> dict[str, str]:
+    check_sendable(spec_uri, None, sets)
     overrides = dict(k8s_lib.parse_assignment(s) for s in sets)
     return launch_lib.job_env(spec_uri, overrides=overrides, extra=env_pairs_from(env_pairs, pass_env, dict(os.environ)))
 
@@ -67,7 +76,7 @@ def _default_name(spec_uri: str) -> str:
 @click.option("--api-url", default=launch_lib.RUNPOD_API, show_default=True, hidden=True)
 def runpod(spec_uri, image, name, sets, env_pairs, pass_env, gpus, gpu_count, disk_gb, cloud_type,
            spot, api_url) -> None:
-    """Create a RunPod pod that runs SPEC_URI; prints the pod id. Key: $RUNPOD_API_KEY."""
+    """Create a RunPod pod that runs SPEC (an s3:// or https:// URI); prints the pod id. Key: $RUNPOD_API_KEY."""
     key = _api_key("RUNPOD_API_KEY")
     with exits():
         body = launch_lib.runpod_request(
@@ -88,7 +97,7 @@ def runpod(spec_uri, image, name, sets, env_pairs, pass_env, gpus, gpu_count, di
 @click.option("--api-url", default=launch_lib.LAMBDA_API, show_default=True, hidden=True)
 def lambda_(spec_uri, image, name, sets, env_pairs, pass_env, instance_type, region, ssh_key,
             file_systems, keep_running, api_url) -> None:
-    """Launch a Lambda Cloud instance that runs SPEC_URI once; prints the instance id. Key: $LAMBDA_API_KEY."""
+    """Launch a Lambda Cloud instance that runs SPEC (an s3:// or https:// URI) once; prints the instance id. Key: $LAMBDA_API_KEY."""
     key = _api_key("LAMBDA_API_KEY")
     with exits():
         env = _job_env(spec_uri, sets, env_pairs, pass_env)
@@ -112,7 +121,7 @@ def lambda_(spec_uri, image, name, sets, env_pairs, pass_env, instance_type, reg
               help="Write the task YAML here instead of to stdout.")
 def skypilot(spec_uri, image, name, sets, env_pairs, pass_env, accelerators, nodes, spot, infra, disk_gb,
              output) -> None:
-    """Print a SkyPilot task that runs SPEC_URI on --nodes hosts; launch it with `sky jobs launch`.
+    """Print a SkyPilot task that runs SPEC (an s3:// or https:// URI) on --nodes hosts; launch it with `sky jobs launch`.
 
     --pass-env NAME becomes a secret reference whose value `sky jobs launch --secret NAME` reads from
     your shell: no value is written into the task.
@@ -121,13 +130,19 @@ def skypilot(spec_uri, image, name, sets, env_pairs, pass_env, accelerators, nod
         if not ENV_NAME.match(secret):
             raise click.BadParameter(f"{secret!r} is not an environment variable name", param_hint="--pass-env")
     with exits():
+        refuse_secret_values(env_pairs_from(env_pairs, (), dict(os.environ)), "--env")
         task = launch_lib.skypilot_task(
             name=name or _default_name(spec_uri), image=image, accelerators=list(accelerators),
             env=_job_env(spec_uri, sets, env_pairs, ()), secrets=list(pass_env), nodes=nodes,
             use_spot=spot, infra=infra, disk_gb=disk_gb)
     text = k8s_lib.dump([task])
     if output:
-        Path(output).write_text(text)
+        with exits():
+            try:
+                Path(output).write_text(text)
+            except OSError as exc:
+                raise errors.SpecError(f"--output {output}: cannot write the task there ({exc.strerror})",
+                                       hint="name a file in a folder that exists") from None
     else:
         click.echo(text, nl=False)
 

@@ -79,7 +79,7 @@ def summary(result) -> str:
         f"run {result.run_id}: published to {result.destination}/ (manifest.json + {len(m['files'])} files)",
         f"  loss {train['first_loss']:.3f} → {train['final_loss']:.3f} over {train['steps']} steps "
         f"({train['backend']}, {train['precision']}, {train['seconds']} s)",
-        f"  artifacts: adapter/, merged/{', gguf/ ' + ' '.join(m['export']['gguf_types']) if m['export']['gguf_types'] else ''}",
+        f"  artifacts: {_artifacts(m)}",
         "  verified against its reference (teacher-forced KL divergence):",
         *(f"    {row}" for row in verify.table(m.get("verification") or {})),
     ]
@@ -91,6 +91,15 @@ def summary(result) -> str:
             if key.startswith("gguf_"):
                 lines.append(f"     {key}: {value!s:.160}")
     return "\n".join(lines)
+
+
+def _artifacts(manifest) -> str:
+    """What was published: the folders the manifest lists files in, and the GGUF types."""
+    folders = dict.fromkeys(f["path"].split("/", 1)[0] for f in manifest["files"] if "/" in f["path"])
+    shown = [f"{folder}/" for folder in ("adapter", "merged") if folder in folders]
+    if manifest["export"]["gguf_types"]:
+        shown.append("gguf/ " + " ".join(manifest["export"]["gguf_types"]))
+    return ", ".join(shown)
 
 
 def _private_stdout():

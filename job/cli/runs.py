@@ -6,6 +6,7 @@ import json
 
 import click
 
+from job import errors
 from job import runs as runs_lib
 from job.cli.common import exits, json_option
 from job.storage import S3Settings
@@ -26,6 +27,10 @@ def list_command(location: str, as_json: bool) -> None:
     S3 endpoint and credentials come from the standard AWS environment (AWS_ENDPOINT_URL_S3, …).
     """
     with exits():
+        if runs_lib.is_run_folder(location, S3Settings()):
+            raise errors.UsageError(f"{location} is one run's folder, not an output that holds runs",
+                                    hint=f"`job runs show {location.rstrip('/')}` describes it; `job runs list` "
+                                         "takes the run.output the runs were published to")
         found = runs_lib.list_runs(location, S3Settings())
     if as_json:
         click.echo(runs_lib.as_json(found))

@@ -106,7 +106,7 @@ def test_rendered_kubernetes_manifests_carry_no_secret_from_the_environment(tmp_
     for name, value in {"AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}.items():
         monkeypatch.setenv(name, value)
     proc = job(["k8s", "render", str(REPO / "examples" / "smoke.yaml"), "--overlay", overlay,
-                "--sweep", "lora.r=8,16"], tmp_path)
+                "--set", "run.output=s3://bucket/runs", "--sweep", "lora.r=8,16"], tmp_path)
     docs = rendered(proc)
     assert leaks({"manifests": proc.stdout.encode(), "stderr": proc.stderr.encode()}) == []
     jobs = [doc for doc in docs if doc["kind"] == "Job"]

@@ -88,7 +88,8 @@ def test_single_run_named_after_run_id_and_extra_env():
 
 def test_run_id_derived_when_spec_has_none(tmp_path):
     spec = tmp_path / "s.yaml"
-    spec.write_text("model: {name: x}\ntraining: {learning_rate: 1.0e-4}\n")
+    spec.write_text("run: {output: s3://bucket/runs}\nmodel: {name: x}\ndata: {source: s3://bucket/rows.jsonl}\n"
+                    "training: {learning_rate: 1.0e-4}\n")
     names = {jobs(render_cli(str(spec)))[0]["metadata"]["name"] for _ in range(2)}
     assert len(names) == 1 and DNS_LABEL.match(names.pop())
 

@@ -86,10 +86,10 @@ def test_llama_cpp_threads_follow_the_cgroup_quota_not_the_node(tmp_path):
 def test_tool_output_cut_inside_a_character_or_a_hung_tool_is_a_result_not_a_crash():
     import sys
 
-    cut = llamacpp._run([sys.executable, "-c", "import sys; sys.stdout.buffer.write('名前'.encode()[:4])"], "cut")
+    cut = llamacpp.run_tool([sys.executable, "-c", "import sys; sys.stdout.buffer.write('名前'.encode()[:4])"], "cut")
     assert cut.stdout == "名\ufffd"
     with pytest.raises(VerificationError, match="did not finish within 1 s"):
-        llamacpp._run([sys.executable, "-c", "import time; time.sleep(30)"], "hung", timeout=1)
+        llamacpp.run_tool([sys.executable, "-c", "import time; time.sleep(30)"], "hung", timeout=1)
 
 
 def test_a_tool_killed_at_the_memory_limit_or_out_of_disk_is_the_pods_size_not_a_bad_artifact():
@@ -98,14 +98,14 @@ def test_a_tool_killed_at_the_memory_limit_or_out_of_disk_is_the_pods_size_not_a
     from job.errors import EXIT_USER, OutOfResources
 
     with pytest.raises(OutOfResources, match="killed \\(SIGKILL\\)") as killed:  # what the kernel's OOM killer sends
-        llamacpp._run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], "llama-quantize")
+        llamacpp.run_tool([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], "llama-quantize")
     assert killed.value.exit_code == EXIT_USER and "resources.limits.memory" in killed.value.hint
     # /dev/full answers every write with ENOSPC, as a full scratch volume does
     with pytest.raises(OutOfResources, match="ran out of disk space") as full:
-        llamacpp._run([sys.executable, "-c", "open('/dev/full', 'wb', buffering=0).write(b'GGUF')"], "convert_hf_to_gguf.py")
+        llamacpp.run_tool([sys.executable, "-c", "open('/dev/full', 'wb', buffering=0).write(b'GGUF')"], "convert_hf_to_gguf.py")
     assert full.value.exit_code == EXIT_USER and "scratch volume" in full.value.hint
     with pytest.raises(VerificationError, match="failed with exit code 3: broken"):  # anything else: the artifact's
-        llamacpp._run([sys.executable, "-c", "import sys; print('broken', file=sys.stderr); sys.exit(3)"], "llama-quantize")
+        llamacpp.run_tool([sys.executable, "-c", "import sys; print('broken', file=sys.stderr); sys.exit(3)"], "llama-quantize")
 
 
 @pytest.mark.parametrize("declared", ["float16", "bfloat16"])

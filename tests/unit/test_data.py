@@ -183,8 +183,8 @@ def test_hub_loader_errors_keep_their_kind(tmp_path, monkeypatch):
     (tmp_path / "nothing").mkdir()
     (tmp_path / "nothing" / "README.md").write_text("no data here\n")
     with pytest.raises(NotFoundError, match="holds no data files"):
-        data._read_hub(DataSection(source=str(tmp_path / "nothing")))
+        data.read_hub(DataSection(source=str(tmp_path / "nothing")))
     (tmp_path / "train-only").mkdir()
     (tmp_path / "train-only" / "train.jsonl").write_text('{"text": "a"}\n')
     with pytest.raises(DataError, match='data.split: Unknown split "validation"'):
-        data._read_hub(DataSection(source=str(tmp_path / "train-only"), split="validation"))
+        data.read_hub(DataSection(source=str(tmp_path / "train-only"), split="validation"))

@@ -135,3 +135,9 @@ def test_empty_bucket_lists_nothing(bucket):
     assert runs.list_runs(f"s3://{bucket}", S3Settings()) == []
     result = CliRunner().invoke(main, ["runs", "list", f"s3://{bucket}"])
     assert result.exit_code == 0 and "no runs under" in result.output
+
+
+def test_listing_one_runs_folder_says_to_show_it_instead(tmp_path):
+    write_runs(str(tmp_path / "out"), tmp_path)
+    result = CliRunner().invoke(main, ["runs", "list", str(tmp_path / "out" / "done")])
+    assert result.exit_code == 2 and "is one run's folder" in result.output and "job runs show" in result.output

@@ -65,15 +65,15 @@ def test_nothing_fits_is_a_user_error_naming_the_auto_fields():
 
 
 def test_job_plan_shows_what_job_run_resolves():
-    from job import plan
+    from job.plan import estimate
 
     # what torch.cuda.get_device_name() says on each card
     for kind, device_name in {"h100-sxm": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200",
                               "a100-80gb": "NVIDIA A100-SXM4-80GB", "l4": "NVIDIA L4"}.items():
-        card = plan.gpu(kind)
+        card = estimate.gpu(kind)
         run_spec = spec(batch_size="auto", gradient_checkpointing="auto")
         got = resolve_auto(run_spec, LLAMA_8B, rows(), (device_name, card.memory_gib, card.compute_capability), "unsloth")
-        shown = plan.choose_for_spec(run_spec.model_copy(update={"training": run_spec.training.model_copy(
-            update={"backend": "unsloth"})}), plan.arch_from_config(LLAMA_8B), card, longest=2048, rows=64)
+        shown = estimate.choose_for_spec(run_spec.model_copy(update={"training": run_spec.training.model_copy(
+            update={"backend": "unsloth"})}), estimate.arch_from_config(LLAMA_8B), card, longest=2048, rows=64)
         assert (shown.batch_size, shown.gradient_checkpointing, shown.precision) == (
             got["batch_size"], got["gradient_checkpointing"], got["precision"]), kind

@@ -127,3 +127,8 @@ def test_fsdp_sharding_is_refused_not_ignored():
         resolve({**MINIMAL, "training": {"sharding": "fsdp"}}, "spec.yaml", [])
     assert "training.sharding: fsdp is not built yet" in str(err.value) and "use ddp" in str(err.value)
     assert resolve({**MINIMAL, "training": {"sharding": "ddp"}}, "spec.yaml", []).training.sharding == "ddp"
+
+
+def test_a_home_relative_output_is_expanded():
+    spec = resolve({"model": {"name": "m"}, "data": {"source": "d"}}, "test", [("run.output", "~/runs", "--set run.output")])
+    assert not spec.run.output.startswith("~") and spec.run.output.endswith("/runs")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "job" / "cli").glob("*.py")
+COMMANDS = sorted(p.stem for p in (Path(__file__).resolve().parents[3] / "job" / "cli").glob("*.py")
                   if p.stem not in ("__init__", "__main__", "main"))
 
 
