@@ -31,7 +31,7 @@ smoke: venv llama-cpp
 
 test: venv llama-cpp
 	bash tests/deploy/setup-tools.sh
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=25
 
 test-fast: venv
 	$(PY) -m pytest -ra -m 'not smoke and not slow'
