@@ -20,7 +20,11 @@ from job.storage import S3Settings, read_uri
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
               "MODELSCOPE_API_TOKEN", "RUNPOD_API_KEY", "LAMBDA_API_KEY", "WANDB_API_KEY")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+set_option = click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
+                          help="Override a spec field; repeatable.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
 def spec_option(command):
@@ -36,12 +40,6 @@ def spec_option(command):
     return click.option("--spec", "spec_arg", metavar="PATH|s3://…|https://…",
                         help="The run spec, also accepted as the first argument (else env JOB_SPEC or "
                              "JOB_SPEC_URI).")(with_spec)
-
-set_option = click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
-                          help="Override a spec field; repeatable.")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
 def setup_log(environ: dict[str, str], *, spec: specs.Spec | None = None, stream=None, level: str = "INFO") -> None:

@@ -58,3 +58,11 @@ def test_valid_overrides_still_render():
     result = CliRunner().invoke(main, ["k8s", "render", SPEC, "--sweep", "lora.r=8,16", "--set", "training.max_steps=30"])
     assert result.exit_code == 0, result.output
     assert "JOB__LORA__R" in result.output
+
+
+def test_the_spec_may_be_named_with_spec_and_a_task_file_needs_an_existing_folder(tmp_path):
+    assert "JOB__LORA__R" in CliRunner().invoke(main, ["k8s", "render", "--spec", SPEC, "--set", "lora.r=8"]).output
+    output = refused(*SKYPILOT, "-o", str(tmp_path / "missing" / "task.yaml"))
+    assert "cannot write the task there" in output
+    written = CliRunner().invoke(main, [*SKYPILOT, "-o", str(tmp_path / "task.yaml")])
+    assert written.exit_code == 0 and SPEC_URI in (tmp_path / "task.yaml").read_text()

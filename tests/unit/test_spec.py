@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -132,3 +133,13 @@ def test_fsdp_sharding_is_refused_not_ignored():
 def test_a_home_relative_output_is_expanded():
     spec = resolve({"model": {"name": "m"}, "data": {"source": "d"}}, "test", [("run.output", "~/runs", "--set run.output")])
     assert not spec.run.output.startswith("~") and spec.run.output.endswith("/runs")
+
+
+def test_the_spec_is_taken_as_the_first_argument_or_as_spec_but_not_two_different_ones(tmp_path):
+    smoke = str(Path(__file__).resolve().parents[2] / "examples" / "smoke.yaml")
+    positional, option = (CliRunner().invoke(main, ["validate", *args]) for args in ([smoke], ["--spec", smoke]))
+    assert positional.exit_code == option.exit_code == 0 and positional.output == option.output
+    other = tmp_path / "other.yaml"
+    other.write_text("model: {name: m}\ndata: {source: d}\n")
+    both = CliRunner().invoke(main, ["validate", smoke, "--spec", str(other)])
+    assert both.exit_code == EXIT_USER and "two specs given" in both.output

@@ -14,8 +14,8 @@ from job.spec import Spec
 ALL_SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "8b": "llama-3.1-8b"}
 
-# Measured on this workplace's H100 80GB HBM3: LoRA r=16 on all 7 projections, adamw_8bit, random weights,
-# torch.cuda.max_memory_allocated() for memory, median step for tokens/s (docs/benchmarks.md, "Plan vs measured").
+# Measured on an H100 80GB HBM3: LoRA r=16 on all 7 projections, adamw_8bit, random weights,
+# torch.cuda.max_memory_allocated() for memory, median step for tokens/s (bench/results/2026-11-25-h100-plan-calibration).
 # (backend, shape, precision, checkpointing, batch, seq, tokens/s, peak GiB)
 CALIBRATION = [  # the constants in job/plan/estimate.py were fitted to these
     ("unsloth", "8b", "4bit", True, 2, 2048, 9661, 6.8),
