@@ -24,9 +24,10 @@ class ExitCode(NamedTuple):
 
 EXIT_CODES = {
     EXIT_OK: ExitCode("published", ""),
-    EXIT_USER: ExitCode("invalid spec, data or usage; a configuration that does not fit the GPU's memory, or the "
-                        "container's memory or disk", "FailJob"),
-    EXIT_NOT_FOUND: ExitCode("model, dataset or bucket missing or denied", "FailJob"),
+    EXIT_USER: ExitCode("invalid spec, data or usage; a configuration that does not fit the GPU's memory",
+                        "FailJob"),
+    EXIT_NOT_FOUND: ExitCode("what the run needs is missing, denied or too small: the model, dataset or bucket; a "
+                             "usable GPU; the container's memory or disk", "FailJob"),
     EXIT_VERIFICATION: ExitCode("an artifact failed verification", "FailJob"),
     EXIT_TRANSIENT: ExitCode("transient infrastructure (network, throttling)", "retried"),
     EXIT_PREEMPTED: ExitCode("preempted (SIGTERM): a checkpoint was written; a rerun resumes", "ignored (retried)"),
@@ -123,11 +124,20 @@ class Interrupted(BaseException):
 
 
 class OutOfResources(JobError):
-    """The container's memory or disk ran out (a llama.cpp tool killed by the kernel, a write that found no space).
-    The same pod would run out again: the user gives it more (exit 2), not a retry."""
+    """The container's memory or disk is too small (a llama.cpp tool killed by the kernel, a write that found no
+    space, a predicted peak above the free disk). The same pod would run out again: the user gives it more (exit 3),
+    not a retry."""
 
-    exit_code = EXIT_USER
+    exit_code = EXIT_NOT_FOUND
     kind = "out_of_resources"
+
+
+class NoUsableGpu(JobError):
+    """A CUDA image started without a GPU it can use (no device, or a driver older than the image's CUDA needs).
+    Training would fall back to the CPU and run for days; the pod's placement is what to fix (exit 3)."""
+
+    exit_code = EXIT_NOT_FOUND
+    kind = "no_usable_gpu"
 
 
 class ToolMissingError(JobError):

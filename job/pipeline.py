@@ -15,7 +15,7 @@ import structlog
 import yaml
 
 from job import backends, card, checkpoint, data, export, llamacpp, log, model, plots, publish, rundir, runtime, settings, train, verify
-from job.errors import GpuOutOfMemory, Preempted
+from job.errors import GpuOutOfMemory, NoUsableGpu, Preempted
 from job.runtime import Paths, Process
 from job.spec import Spec
 from job.storage import S3Settings, open_location
@@ -165,6 +165,11 @@ def _set_up(spec: Spec, paths: Paths, process: Process) -> _Environment:
     if torch.cuda.is_available() and process.world_size > 1:
         # Before anything touches CUDA: else every rank opens a context on card 0, and rank 0 sees less free memory.
         torch.cuda.set_device(process.local_rank)
+    if paths.image_variant == "cuda" and spec.training.backend != "hf" and not torch.cuda.is_available():
+        # Training an 8B model on the CPU would run for days: in the CUDA image, CPU training is asked for by name.
+        raise NoUsableGpu(f"this CUDA image found no usable GPU: {runtime.why_no_gpu(torch)}",
+                          hint="give the pod an nvidia.com/gpu limit on a node whose driver is new enough; to train on "
+                               "the CPU on purpose, set training.backend: hf")
     # The backend is imported first: unsloth must patch transformers, trl and peft before anyone imports them.
     backend_name = backends.pick(spec.training, torch.cuda.is_available())
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None

@@ -17,6 +17,7 @@ class Paths:
     work_dir: Path
     cache_dir: Path
     llama_cpp_dir: Path
+    image_variant: str | None = None  # "cuda" or "cpu" inside job's image (JOB_IMAGE_VARIANT), None outside it
 
 
 @dataclass
@@ -30,6 +31,31 @@ class Process:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def why_no_gpu(torch) -> str:
+    """What stands between this process and a CUDA device, for a message a person can act on: no driver in the
+    container, a driver older than torch's CUDA, or no device visible. Asks the driver itself (libcuda), since torch
+    only says that CUDA is unavailable."""
+    import ctypes
+
+    wanted = torch.version.cuda
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return ("no NVIDIA driver in the container (libcuda.so.1 is missing): the pod has no nvidia.com/gpu limit, or "
+                "its node has no NVIDIA container runtime")
+    version = ctypes.c_int(0)
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) == 0 and wanted:
+        have = (version.value // 1000, version.value % 1000 // 10)
+        need = tuple(int(part) for part in wanted.split(".")[:2])
+        if have < need:
+            return (f"the NVIDIA driver supports CUDA {have[0]}.{have[1]} and this image's torch needs CUDA {wanted}: "
+                    "the node's driver is too old (docs/image.md names the minimum)")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and not visible.strip():
+        return "no GPU visible: CUDA_VISIBLE_DEVICES is empty"
+    return f"torch finds no usable CUDA device (driver CUDA {version.value // 1000}.{version.value % 1000 // 10})"
 
 
 def on_rank_0(process: Process, decide):

@@ -440,30 +440,35 @@ def check_override(dotted: str, raw_value: str, where: str) -> None:
     raise SpecError(f"override {dotted!r} names no field", where=where)
 
 
-def check_sendable(base: dict[str, Any] | None, origin: str, experiments: list[list[tuple[str, str, str]]]) -> None:
+def check_sendable(base: dict[str, Any] | None, origin: str,
+                   experiments: list[list[tuple[str, str, str]]]) -> list[Spec | None]:
     """What `job k8s render` and `job launch` send elsewhere, validated here as the run will validate it, before
     anything is printed or sent: each experiment's whole spec when its text is at hand (`base`), else each override
     against its field. A secret field never travels as a value: the target's secret mechanism carries it. The
-    output must be remote: a machine's local disk goes with it."""
+    output must be remote: a machine's local disk goes with it. Returns each experiment's resolved spec (None where
+    the spec's text is not at hand)."""
     for dotted in SECRET_FIELDS:
         section, _, name = dotted.partition(".")
         if isinstance((base or {}).get(section), dict) and base[section].get(name):
             raise SpecError(f"{dotted} must not be written into a manifest, task or launch request", where=origin,
                             hint="remove it from the spec and give the token as HF_TOKEN through the target's secrets: "
                                  "the hf-token Secret on Kubernetes (docs/deploy.md), --pass-env HF_TOKEN for launch")
+    resolved: list[Spec | None] = []
     for overrides in experiments:
         for dotted, raw, where in overrides:
             if dotted.strip() in SECRET_FIELDS:
                 raise SpecError(f"{dotted.strip()} must not be written into a manifest, task or launch request "
                                 f"[from {where}]", hint="give the token as HF_TOKEN through the target's secrets: the "
                                 "hf-token Secret on Kubernetes, --pass-env HF_TOKEN for launch targets")
-        if base is not None:
-            output, where = resolve(base, origin, overrides).run.output, origin
-        else:
-            for dotted, raw, where in overrides:
+            if base is None:
                 check_override(dotted, raw, where)
-            output, where = next(((_parse_value(raw), where) for dotted, raw, where in overrides
-                                  if dotted.strip() == "run.output"), ("s3://", origin))
+        spec = resolve(base, origin, overrides) if base is not None else None
+        output, where = next(((_parse_value(raw), where) for dotted, raw, where in reversed(overrides)
+                              if dotted.strip() == "run.output"), (spec.run.output if spec else "s3://", origin))
+        if spec is not None:
+            output = spec.run.output
         if not str(output).startswith("s3://"):
             raise SpecError(f"run.output {output!r} is a local path: on a remote machine the artifacts would vanish "
                             f"with it [from {where}]", hint="set run.output to s3://bucket/prefix")
+        resolved.append(spec)
+    return resolved

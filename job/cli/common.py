@@ -67,15 +67,17 @@ def resolve_spec(spec_arg: str | None, sets: tuple[str, ...], environ: dict[str,
     return specs.resolve(base, origin, overrides)
 
 
-def check_sendable(spec_ref: str, spec_text: str | None, sets: tuple[str, ...], sweeps: tuple[str, ...] = ()) -> None:
+def check_sendable(spec_ref: str, spec_text: str | None, sets: tuple[str, ...],
+                   sweeps: tuple[str, ...] = ()) -> list[specs.Spec | None]:
     """A spec with the --set and --sweep values a remote target will apply, validated here as `job run` will
-    validate it there (job.spec.check_sendable), so a typo costs an exit 2 now, not a rented GPU later."""
+    validate it there (job.spec.check_sendable), so a typo costs an exit 2 now, not a rented GPU later. Returns each
+    experiment's resolved spec (None for a remote spec)."""
     from job.deploy.k8s import parse_assignment, parse_sweep
 
     base = specs.parse_text(spec_text, spec_ref) if spec_text is not None else None
     fixed = [(key, value, f"--set {key}") for key, value in map(parse_assignment, sets)]
     swept = [[(key, value, f"--sweep {key}") for value in values] for key, values in map(parse_sweep, sweeps)]
-    specs.check_sendable(base, spec_ref, [fixed + list(point) for point in itertools.product(*swept)])
+    return specs.check_sendable(base, spec_ref, [fixed + list(point) for point in itertools.product(*swept)])
 
 
 def refuse_secret_values(env: dict[str, str], option: str) -> None:
@@ -93,6 +95,7 @@ def paths_from_env(environ: dict[str, str]) -> Paths:
         work_dir=Path(environ.get("JOB_WORK_DIR") or ".job-work"),
         cache_dir=cache,
         llama_cpp_dir=Path(environ.get("JOB_LLAMA_CPP_DIR") or cache / "llama.cpp-0.3.36"),
+        image_variant=environ.get("JOB_IMAGE_VARIANT") or None,
     )
 
 

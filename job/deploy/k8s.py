@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import yaml
 
 from job.errors import RenderError
+from job.plan.estimate import Disk
 
 OVERLAYS = ("gke", "eks")
 FORMATS = ("job", "trainjob")
@@ -226,6 +228,40 @@ def spec_configmap(name: str, namespace: str, text: str, run_id: str) -> dict:
     }
 
 
+# Beyond the predicted peak: the scratch volume also holds checkpoints, the tokenized data and compiled kernels; the
+# cache also holds the tokenizer and the hub's metadata. The container's own writes (logs) need a little more.
+SCRATCH_HEADROOM = (1.1, 5)  # x predicted + GiB
+CACHE_HEADROOM = (1.1, 2)
+CONTAINER_WRITES_GIB = 8
+
+
+def _gib(quantity: str) -> int:
+    match = _QUANTITY.match(str(quantity))
+    if not match or match[2] not in ("Gi", "Mi"):
+        raise RenderError(f"k8s/base/job.yaml: expected a size in Gi or Mi, got {quantity!r}")
+    return math.ceil(int(match[1]) / (1024 if match[2] == "Mi" else 1))
+
+
+def size_storage(job: dict, disk: Disk) -> dict:
+    """The Job with its cache and scratch volumes sized from the run's predicted peak disk (job.plan.estimate) and its
+    ephemeral-storage request the sum of its disk-backed volumes, so a node without the room is never picked."""
+    job = json.loads(json.dumps(job))
+    limits = {"cache": math.ceil(disk.model_cache * CACHE_HEADROOM[0] + CACHE_HEADROOM[1]),
+              "scratch": math.ceil(disk.scratch * SCRATCH_HEADROOM[0] + SCRATCH_HEADROOM[1])}
+    on_disk = 0
+    for volume in job["spec"]["template"]["spec"]["volumes"]:
+        empty_dir = volume.get("emptyDir")
+        if empty_dir is None or empty_dir.get("medium") == "Memory":
+            continue
+        if volume["name"] in limits:
+            empty_dir["sizeLimit"] = f"{limits[volume['name']]}Gi"
+        on_disk += _gib(empty_dir["sizeLimit"])
+    resources = _container(job)["resources"]
+    resources["requests"]["ephemeral-storage"] = f"{on_disk}Gi"
+    resources["limits"]["ephemeral-storage"] = f"{on_disk + CONTAINER_WRITES_GIB}Gi"
+    return job
+
+
 def _scale(quantity: str, factor: int) -> str:
     """'32Gi' x 8 -> '256Gi': the base Job's requests are per GPU."""
     match = _QUANTITY.match(str(quantity))
@@ -377,13 +413,14 @@ def render(spec_ref: str, *, spec_text: str | None = None, overlay: str | None =
            namespace: str | None = None, run_id: str | None = None,
            env: dict[str, str] | None = None, layout: Layout = Layout(), fmt: str = "job",
            runtime: str = TRAINER_RUNTIME, cluster_domain: str = CLUSTER_DOMAIN,
-           root: Path | None = None) -> list[dict]:
+           disk: Disk | None = None, root: Path | None = None) -> list[dict]:
     """The ingress-denying NetworkPolicy, then per experiment a ConfigMap holding a local spec and its
     Job (fmt "job") or TrainJob (fmt "trainjob"); runs on several hosts also get a NetworkPolicy that
     lets their pods reach each other and, as Jobs, the headless Service that names pod 0.
 
     spec_ref is a local path (its text is passed as spec_text) or an s3:// or https:// URI, which
-    the Job reads itself through JOB_SPEC_URI.
+    the Job reads itself through JOB_SPEC_URI. `disk`, the run's predicted peak (the largest of the experiments'),
+    sizes the cache and scratch volumes; without it they keep k8s/base/job.yaml's sizes.
     """
     if fmt not in FORMATS:
         raise RenderError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -410,6 +447,8 @@ def render(spec_ref: str, *, spec_text: str | None = None, overlay: str | None =
     fixed = dict(parse_assignment(s) for s in sets)
     points = experiments(base_id, [parse_sweep(s) for s in sweeps], fixed, limit=limit)
     template = base_job(overlay, root)
+    if disk is not None:
+        template = size_storage(template, disk)
     namespace = namespace or kustomization(root).get("namespace", "default")
     image = image or default_image(root)
     policy = _read_yaml((root or manifest_dir()) / "base" / "networkpolicy.yaml")

@@ -11,7 +11,7 @@ from typing import Any
 
 from job import errors
 from job.errors import NotFoundError
-from job.plan.estimate import Arch, arch_from_config, arch_from_table, normalize_model_id
+from job.plan.estimate import Arch, Disk, arch_from_config, arch_from_table, estimate_disk, normalize_model_id
 
 @dataclass(frozen=True)
 class ResolvedArch:
@@ -105,6 +105,19 @@ def resolve_arch(model, *, s3=None, hub_endpoint: str = "https://huggingface.co"
         return ResolvedArch(table, f"built-in table entry {table.name} ({why})")
     raise NotFoundError(f"model.name: no architecture for {name}: {why}, and it is not in the built-in table",
                         hint="pass --config path/to/config.json (the model's config.json; no weights needed)")
+
+
+def disk_at_hand(spec) -> tuple[Disk, str] | str:
+    """The run's predicted peak disk and where the model's numbers came from, from what this machine has (a local
+    checkpoint or GGUF, the hub cache, the built-in table), never the network: what `job k8s render` sizes volumes
+    with. Why not, as a string, when none of those knows the model."""
+    if spec.model.name.startswith(("s3://", "https://", "http://")):
+        return f"{spec.model.name.split('://')[0]}:// models are read only by `job plan`"
+    try:
+        resolved = resolve_arch(spec.model, hub_offline=True)
+    except NotFoundError as exc:
+        return str(exc)
+    return estimate_disk(resolved.arch, merged=spec.export.merged, gguf_types=spec.export.gguf), resolved.source
 
 
 def _hub_config_unavailable(model, endpoint: str, offline: bool) -> dict[str, Any] | str:

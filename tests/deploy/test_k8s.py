@@ -23,7 +23,7 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 def render_cli(*args: str) -> list[dict]:
     result = CliRunner().invoke(k8s_group, ["render", *args])
     assert result.exit_code == 0, result.output
-    return [d for d in yaml.safe_load_all(result.output) if d]
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
 def jobs(docs):
@@ -59,7 +59,7 @@ def test_sweep_2x2_gives_four_valid_jobs(overlay, tmp_path):
 
 
 def test_env_values_stay_strings_for_kubectl():
-    out = CliRunner().invoke(k8s_group, ["render", str(SPEC), *SWEEP]).output
+    out = CliRunner().invoke(k8s_group, ["render", str(SPEC), *SWEEP]).stdout
     # YAML 1.2 readers take a bare 1e-4 for a number; an env value must be a string.
     assert "value: '1e-4'" in out and "value: '8'" in out
 

@@ -40,7 +40,7 @@ RUNTIME_CRD = "trainer.kubeflow.org_clustertrainingruntimes.yaml"
 def render_cli(*args: str) -> list[dict]:
     result = CliRunner().invoke(k8s_group, ["render", *args])
     assert result.exit_code == 0, result.output
-    return [d for d in yaml.safe_load_all(result.output) if d]
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
 def of_kind(docs: list[dict], kind: str) -> list[dict]:

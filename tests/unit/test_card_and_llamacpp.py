@@ -95,15 +95,15 @@ def test_tool_output_cut_inside_a_character_or_a_hung_tool_is_a_result_not_a_cra
 def test_a_tool_killed_at_the_memory_limit_or_out_of_disk_is_the_pods_size_not_a_bad_artifact():
     import sys
 
-    from job.errors import EXIT_USER, OutOfResources
+    from job.errors import EXIT_NOT_FOUND, OutOfResources
 
     with pytest.raises(OutOfResources, match="killed \\(SIGKILL\\)") as killed:  # what the kernel's OOM killer sends
         llamacpp.run_tool([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], "llama-quantize")
-    assert killed.value.exit_code == EXIT_USER and "resources.limits.memory" in killed.value.hint
+    assert killed.value.exit_code == EXIT_NOT_FOUND and "resources.limits.memory" in killed.value.hint
     # /dev/full answers every write with ENOSPC, as a full scratch volume does
     with pytest.raises(OutOfResources, match="ran out of disk space") as full:
         llamacpp.run_tool([sys.executable, "-c", "open('/dev/full', 'wb', buffering=0).write(b'GGUF')"], "convert_hf_to_gguf.py")
-    assert full.value.exit_code == EXIT_USER and "scratch volume" in full.value.hint
+    assert full.value.exit_code == EXIT_NOT_FOUND and "scratch volume" in full.value.hint
     with pytest.raises(VerificationError, match="failed with exit code 3: broken"):  # anything else: the artifact's
         llamacpp.run_tool([sys.executable, "-c", "import sys; print('broken', file=sys.stderr); sys.exit(3)"], "llama-quantize")
 

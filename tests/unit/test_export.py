@@ -23,6 +23,6 @@ def test_a_run_whose_export_cannot_fit_the_scratch_disk_is_refused_before_traini
     huge = {**LLAMA_8B, "num_hidden_layers": 32_000}  # about 7 PiB of merged weights
     with pytest.raises(OutOfResources, match=r"needs about .* GiB of scratch disk .* GiB free") as refused:
         export.check_disk(ExportSection(), huge, tmp_path)
-    assert "export.gguf" in refused.value.hint
+    assert refused.value.exit_code == 3 and "export.gguf" in refused.value.hint
     export.check_disk(ExportSection(), {**LLAMA_8B, "num_hidden_layers": 1, "hidden_size": 64,
                                         "intermediate_size": 128, "vocab_size": 256}, tmp_path)
