@@ -42,6 +42,25 @@ def exit_code_table() -> str:
     return "\n".join(rows)
 
 
+def network_reason(exc: BaseException) -> str:
+    """Why a connection failed, in words, rather than urllib's `<urlopen error [Errno -2] ...>`."""
+    import socket
+    import ssl
+
+    reason = getattr(exc, "reason", exc)
+    if isinstance(reason, socket.gaierror):
+        return "its host name does not resolve (no DNS, or no network from here)"
+    if isinstance(reason, ConnectionRefusedError):
+        return "the connection was refused"
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return "no answer before the timeout"
+    if isinstance(reason, ssl.SSLError):
+        return f"TLS failed ({getattr(reason, 'reason', None) or 'certificate or protocol'})"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror[0].lower() + reason.strerror[1:]
+    return str(reason) or type(reason).__name__
+
+
 class JobError(Exception):
     """An error with a message meant for the user and the exit code it maps to."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job import log
-from job.errors import JobError, NotFoundError, SpecError, TransientError
+from job.errors import JobError, NotFoundError, SpecError, TransientError, network_reason
 from job.spec import ModelSection
 from job.storage import S3Settings, open_location
 
@@ -282,7 +282,7 @@ def _hub_error(exc: Exception, repo: str, asked: str) -> Exception:
             hint="retry later; check the network or HF_ENDPOINT (HF_HUB_OFFLINE=1 needs a warm cache)",
         )
     if isinstance(exc, OSError):
-        return TransientError(f"model.name: download of {repo} failed: {exc}")
+        return TransientError(f"model.name: download of {repo} failed: {network_reason(exc)}")
     return exc
 
 

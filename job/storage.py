@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from job import log
-from job.errors import NotFoundError, SpecError, TransientError
+from job.errors import NotFoundError, SpecError, TransientError, network_reason
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 _NOT_FOUND_CODES = {"NoSuchBucket", "NoSuchKey", "404", "NotFound", "AccessDenied", "403", "InvalidAccessKeyId",
@@ -386,7 +386,7 @@ def classify(exc: BaseException, what: str) -> NotFoundError | TransientError | 
                  ConnectionError, TimeoutError, ChecksumMismatch, S3DownloadFailedError, S3UploadFailedError,
                  RetriesExceededError, TransferRetriesExceededError)
     if isinstance(exc, transient):
-        return TransientError(f"{what}: {type(exc).__name__}: {exc}")
+        return TransientError(f"{what}: {network_reason(exc) if isinstance(exc, OSError) else exc}")
     return None
 
 
@@ -412,7 +412,7 @@ def read_uri(uri: str, settings: S3Settings | None = None) -> bytes:
                 raise TransientError(f"{uri}: HTTP {exc.code}") from exc
             raise NotFoundError(f"{uri}: HTTP {exc.code}") from exc
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-            raise TransientError(f"{uri}: {exc}") from exc
+            raise TransientError(f"cannot read {uri}: {network_reason(exc)}") from exc
     try:
         return Path(uri).read_bytes()
     except (FileNotFoundError, IsADirectoryError) as exc:

@@ -20,7 +20,7 @@ import urllib.request
 from typing import Any
 
 from job import errors
-from job.errors import LaunchError, ProviderError
+from job.errors import LaunchError, ProviderError, network_reason
 
 RUNPOD_API = "https://rest.runpod.io/v1"
 LAMBDA_API = "https://cloud.lambda.ai/api/v1"
@@ -272,8 +272,7 @@ def _post(url: str, body: dict[str, Any], api_key: str, *, provider: str) -> Any
     except urllib.error.HTTPError as e:
         raise _api_error(e.code, e.read(), api_key, provider) from None
     except (urllib.error.URLError, TimeoutError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise ProviderError(_scrub(f"cannot reach {url}: {reason}", api_key), provider=provider) from None
+        raise ProviderError(_scrub(f"cannot reach {url}: {network_reason(e)}", api_key), provider=provider) from None
     except json.JSONDecodeError:
         raise ProviderError(f"{url} answered with something that is not JSON", provider=provider) from None
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from job import errors
-from job.errors import NotFoundError
+from job.errors import NotFoundError, network_reason
 from job.plan.estimate import Arch, Disk, arch_from_config, arch_from_table, estimate_disk, normalize_model_id
 
 @dataclass(frozen=True)
@@ -137,7 +137,8 @@ def _hub_config_unavailable(model, endpoint: str, offline: bool) -> dict[str, An
         path = hf_hub_download(model.name, "config.json", revision=model.revision, endpoint=endpoint,
                                token=model.token.get_secret_value() if model.token else None)
     except Exception as exc:  # noqa: BLE001 - any hub failure falls back to the table, and says why
-        return f"hub answered {type(exc).__name__}"
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return f"the hub answered HTTP {status}" if status else f"the hub could not be read ({network_reason(exc)})"
     return json.loads(open(path).read())
 
 
