@@ -440,14 +440,15 @@ def check_override(dotted: str, raw_value: str, where: str) -> None:
     raise SpecError(f"override {dotted!r} names no field", where=where)
 
 
-def check_sendable(base: dict[str, Any] | None, origin: str,
-                   experiments: list[list[tuple[str, str, str]]]) -> list[Spec | None]:
+def check_sendable(base: dict[str, Any] | None, origin: str, experiments: list[list[tuple[str, str, str]]], *,
+                   base_travels: bool = True) -> list[Spec | None]:
     """What `job k8s render` and `job launch` send elsewhere, validated here as the run will validate it, before
     anything is printed or sent: each experiment's whole spec when its text is at hand (`base`), else each override
     against its field. A secret field never travels as a value: the target's secret mechanism carries it. The
-    output must be remote: a machine's local disk goes with it. Returns each experiment's resolved spec (None where
-    the spec's text is not at hand)."""
-    for dotted in SECRET_FIELDS:
+    output must be remote: a machine's local disk goes with it. `base_travels`: the spec's text goes into what is sent
+    (a ConfigMap), rather than being read by the target from its URI. Returns each experiment's resolved spec (None
+    where the spec's text is not at hand)."""
+    for dotted in SECRET_FIELDS if base_travels else ():
         section, _, name = dotted.partition(".")
         if isinstance((base or {}).get(section), dict) and base[section].get(name):
             raise SpecError(f"{dotted} must not be written into a manifest, task or launch request", where=origin,

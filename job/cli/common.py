@@ -67,17 +67,49 @@ def resolve_spec(spec_arg: str | None, sets: tuple[str, ...], environ: dict[str,
     return specs.resolve(base, origin, overrides)
 
 
+# A spec read here only to check it before sending: a short try, since the target reads it again itself.
+QUICK_READ = S3Settings(request_attempts=2, step_attempts=1, connect_timeout=5.0, read_timeout=20.0)
+
+
 def check_sendable(spec_ref: str, spec_text: str | None, sets: tuple[str, ...],
                    sweeps: tuple[str, ...] = ()) -> list[specs.Spec | None]:
     """A spec with the --set and --sweep values a remote target will apply, validated here as `job run` will
-    validate it there (job.spec.check_sendable), so a typo costs an exit 2 now, not a rented GPU later. Returns each
-    experiment's resolved spec (None for a remote spec)."""
+    validate it there (job.spec.check_sendable), so a typo costs an exit 2 now, not a rented GPU later. A spec given
+    as a URI is read here too when this machine can (else its overrides are checked field by field, and stderr says
+    so). Returns each experiment's resolved spec (None where the spec could not be read)."""
     from job.deploy.k8s import parse_assignment, parse_sweep
 
+    travels = spec_text is not None  # a local spec's text goes into the manifest; a URI is read by the target
+    if spec_text is None:
+        try:
+            spec_text = read_uri(spec_ref, QUICK_READ).decode("utf-8")
+        except (errors.JobError, UnicodeDecodeError) as exc:
+            click.echo(f"note: cannot read {spec_ref} from here ({log.redact_text(str(exc))}): only the overrides "
+                       "are checked; the run checks the whole spec when it starts", err=True)
     base = specs.parse_text(spec_text, spec_ref) if spec_text is not None else None
     fixed = [(key, value, f"--set {key}") for key, value in map(parse_assignment, sets)]
     swept = [[(key, value, f"--sweep {key}") for value in values] for key, values in map(parse_sweep, sweeps)]
-    return specs.check_sendable(base, spec_ref, [fixed + list(point) for point in itertools.product(*swept)])
+    return specs.check_sendable(base, spec_ref, [fixed + list(point) for point in itertools.product(*swept)],
+                                base_travels=travels)
+
+
+def largest_disk(resolved: list[specs.Spec | None], default: str = "k8s/base/job.yaml's sizes"):
+    """The largest predicted peak disk of the experiments (job.plan.inputs.disk_at_hand), said on stderr; None, with
+    `default` named, when a spec could not be read here or no local source knows its model."""
+    from job.plan.inputs import disk_at_hand
+
+    if not resolved or any(spec is None for spec in resolved):
+        click.echo(f"note: no disk prediction without the spec: the disk keeps {default}", err=True)
+        return None
+    predictions = [disk_at_hand(spec) for spec in resolved]
+    why_not = next((p for p in predictions if isinstance(p, str)), None)
+    if why_not is not None:
+        click.echo(f"note: no disk prediction ({why_not}): the disk keeps {default}", err=True)
+        return None
+    disk, source = max(predictions, key=lambda p: p[0].total)
+    click.echo(f"note: disk sized for a predicted peak of {disk.total:.1f} GiB (model cache {disk.model_cache:.1f}, "
+               f"scratch {disk.scratch:.1f}; model from {source})", err=True)
+    return disk
 
 
 def refuse_secret_values(env: dict[str, str], option: str) -> None:

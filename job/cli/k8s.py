@@ -7,10 +7,8 @@ from pathlib import Path
 
 import click
 
-from job.cli.common import check_sendable, env_pairs_from, exits, refuse_secret_values, spec_option
+from job.cli.common import check_sendable, env_pairs_from, exits, largest_disk, refuse_secret_values, spec_option
 from job.deploy import k8s as k8s_lib
-from job.plan.estimate import Disk
-from job.plan.inputs import disk_at_hand
 
 
 @click.group()
@@ -61,27 +59,9 @@ def render(spec_arg: str | None, sweeps, sets, overlay, image, namespace, run_id
     with exits():
         resolved = check_sendable(spec, text, sets, sweeps)
         refuse_secret_values(env, "--env")
-        disk = _largest_disk(spec, resolved)
+        disk = largest_disk(resolved)
         docs = k8s_lib.render(spec, spec_text=text, overlay=overlay, sweeps=list(sweeps),
                               sets=list(sets), image=image, namespace=namespace, run_id=run_id, env=env,
                               layout=k8s_lib.Layout(nodes, gpus_per_node),
                               fmt=fmt, runtime=runtime, cluster_domain=cluster_domain, disk=disk)
     click.echo(k8s_lib.dump(docs), nl=False)
-
-
-def _largest_disk(spec_ref: str, resolved: list) -> Disk | None:
-    """The largest predicted disk of the experiments, said on stderr; None (k8s/base/job.yaml's sizes) when the spec
-    or its model is not at hand here."""
-    if any(spec is None for spec in resolved):
-        click.echo(f"note: {spec_ref} is read by the pod, not here: the volumes keep k8s/base/job.yaml's sizes; "
-                   "`job plan` predicts the disk a run needs", err=True)
-        return None
-    predictions = [disk_at_hand(spec) for spec in resolved]
-    why_not = next((p for p in predictions if isinstance(p, str)), None)
-    if why_not is not None:
-        click.echo(f"note: no disk prediction ({why_not}): the volumes keep k8s/base/job.yaml's sizes", err=True)
-        return None
-    disk, source = max(predictions, key=lambda p: p[0].total)
-    click.echo(f"note: volumes sized for a predicted peak of {disk.total:.1f} GiB (model cache {disk.model_cache:.1f}, "
-               f"scratch {disk.scratch:.1f}; model from {source})", err=True)
-    return disk

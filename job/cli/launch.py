@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 
 from job import errors
-from job.cli.common import ENV_NAME, check_sendable, env_pairs_from, exits, refuse_secret_values, spec_option
+from job.cli.common import (ENV_NAME, check_sendable, env_pairs_from, exits, largest_disk, refuse_secret_values,
+                             spec_option)
 from job.deploy import k8s as k8s_lib
 from job.deploy import launch as launch_lib
 
@@ -55,9 +56,18 @@ def _with_common(command):
 
 
 def _job_env(spec_uri, sets, env_pairs, pass_env) -> dict[str, str]:
-    check_sendable(spec_uri, None, sets)
     overrides = dict(k8s_lib.parse_assignment(s) for s in sets)
     return launch_lib.job_env(spec_uri, overrides=overrides, extra=env_pairs_from(env_pairs, pass_env, dict(os.environ)))
+
+
+def _disk_gb(spec_uri: str, sets, given: int | None, size, default: int) -> int:
+    """--disk-gb as given; else `size(disk)` from the spec's predicted peak when the spec can be read here, else
+    `default`. The spec is validated either way (check_sendable)."""
+    resolved = check_sendable(spec_uri, None, sets)
+    if given is not None:
+        return given
+    disk = largest_disk(resolved, default=f"{default} GB")
+    return size(disk) if disk is not None else default
 
 
 def _default_name(spec_uri: str) -> str:
@@ -69,8 +79,9 @@ def _default_name(spec_uri: str) -> str:
 @click.option("--gpu", "gpus", multiple=True, required=True,
               help='RunPod GPU type id, e.g. "NVIDIA L40S"; repeat to allow several, in order of preference.')
 @click.option("--gpu-count", default=1, show_default=True, type=click.IntRange(1, 8))
-@click.option("--disk-gb", default=100, show_default=True, type=click.IntRange(10, 2000),
-              help="Container disk for the model cache and scratch.")
+@click.option("--disk-gb", type=click.IntRange(10, 2000),
+              help="Container disk for the model cache and scratch; default: sized from the spec's predicted peak "
+                   "(`job plan`), else 100.")
 @click.option("--cloud-type", type=click.Choice(["SECURE", "COMMUNITY"]), default="SECURE", show_default=True)
 @click.option("--spot/--on-demand", default=False, help="Interruptible (spot) pod.")
 @click.option("--api-url", default=launch_lib.RUNPOD_API, show_default=True, hidden=True)
@@ -79,6 +90,7 @@ def runpod(spec_uri, image, name, sets, env_pairs, pass_env, gpus, gpu_count, di
     """Create a RunPod pod that runs SPEC (an s3:// or https:// URI); prints the pod id. Key: $RUNPOD_API_KEY."""
     key = _api_key("RUNPOD_API_KEY")
     with exits():
+        disk_gb = _disk_gb(spec_uri, sets, disk_gb, launch_lib.runpod_disk_gb, launch_lib.RUNPOD_DEFAULT_DISK_GB)
         body = launch_lib.runpod_request(
             name=name or _default_name(spec_uri), image=image, gpu_type_ids=list(gpus),
             env=_job_env(spec_uri, sets, env_pairs, pass_env), gpu_count=gpu_count,
@@ -100,6 +112,7 @@ def lambda_(spec_uri, image, name, sets, env_pairs, pass_env, instance_type, reg
     """Launch a Lambda Cloud instance that runs SPEC (an s3:// or https:// URI) once; prints the instance id. Key: $LAMBDA_API_KEY."""
     key = _api_key("LAMBDA_API_KEY")
     with exits():
+        check_sendable(spec_uri, None, sets)  # a Lambda instance type comes with its disk: nothing to size
         env = _job_env(spec_uri, sets, env_pairs, pass_env)
         body = launch_lib.lambda_request(
             name=name or _default_name(spec_uri), region=region, instance_type=instance_type,
@@ -116,7 +129,9 @@ def lambda_(spec_uri, image, name, sets, env_pairs, pass_env, instance_type, reg
 @click.option("--nodes", default=1, show_default=True, type=click.IntRange(1, 256), help="Hosts.")
 @click.option("--spot/--on-demand", default=False, help="Spot instances; SkyPilot recovers preempted runs.")
 @click.option("--infra", help="Where to run, in SkyPilot's terms, e.g. aws, gcp/us-central1, runpod, lambda.")
-@click.option("--disk-gb", type=click.IntRange(50, 10000), help="Disk per node (model cache and scratch).")
+@click.option("--disk-gb", type=click.IntRange(50, 10000),
+              help="Disk per node (the image, model cache and scratch); default: sized from the spec's predicted peak "
+                   "(`job plan`), else SkyPilot's default.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True),
               help="Write the task YAML here instead of to stdout.")
 def skypilot(spec_uri, image, name, sets, env_pairs, pass_env, accelerators, nodes, spot, infra, disk_gb,
@@ -131,6 +146,7 @@ def skypilot(spec_uri, image, name, sets, env_pairs, pass_env, accelerators, nod
             raise click.BadParameter(f"{secret!r} is not an environment variable name", param_hint="--pass-env")
     with exits():
         refuse_secret_values(env_pairs_from(env_pairs, (), dict(os.environ)), "--env")
+        disk_gb = _disk_gb(spec_uri, sets, disk_gb, launch_lib.skypilot_disk_gb, None)
         task = launch_lib.skypilot_task(
             name=name or _default_name(spec_uri), image=image, accelerators=list(accelerators),
             env=_job_env(spec_uri, sets, env_pairs, ()), secrets=list(pass_env), nodes=nodes,

@@ -14,6 +14,7 @@ URL, a message, or an exception: error text from the server is scrubbed of it be
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import urllib.error
 import urllib.request
@@ -43,11 +44,30 @@ def job_env(spec_uri: str, *, overrides: dict[str, str] | None = None,
     return env
 
 
+# --- disk -------------------------------------------------------------------------------------
+# Beyond the run's predicted peak (job.plan.estimate.Disk): checkpoints, data and compiled kernels; on a SkyPilot
+# node's disk also the OS and the pulled image (about 10 GB compressed, twice that unpacked).
+RUNPOD_DEFAULT_DISK_GB = 100
+RUNPOD_DISK_OVERHEAD_GB = 10
+SKYPILOT_DISK_OVERHEAD_GB = 40
+SKYPILOT_MIN_DISK_GB = 50
+GIB_PER_GB = 2**30 / 1e9  # providers count disks in GB, the prediction is in GiB
+
+
+def runpod_disk_gb(disk) -> int:
+    """RunPod's container disk (the image lives apart from it) for a run with predicted peak `disk`."""
+    return math.ceil(disk.total * GIB_PER_GB * 1.1 + RUNPOD_DISK_OVERHEAD_GB)
+
+
+def skypilot_disk_gb(disk) -> int:
+    return max(SKYPILOT_MIN_DISK_GB, math.ceil(disk.total * GIB_PER_GB * 1.1 + SKYPILOT_DISK_OVERHEAD_GB))
+
+
 # --- RunPod ---------------------------------------------------------------------------------
 
 
 def runpod_request(*, name: str, image: str, gpu_type_ids: list[str], env: dict[str, str],
-                   gpu_count: int = 1, container_disk_gb: int = 100, cloud_type: str = "SECURE",
+                   gpu_count: int = 1, container_disk_gb: int = RUNPOD_DEFAULT_DISK_GB, cloud_type: str = "SECURE",
                    interruptible: bool = False) -> dict[str, Any]:
     """Body of RunPod's Create Pod call. The image's own entrypoint (`job`) runs `run`."""
     if cloud_type not in ("SECURE", "COMMUNITY"):

@@ -223,7 +223,7 @@ def test_job_torch_runtime_matches_the_crd_and_the_exit_codes():
 def skypilot_cli(*args: str) -> dict:
     result = CliRunner().invoke(launch_group, ["skypilot", SPEC_URI, "--image", IMAGE, *args])
     assert result.exit_code == 0, result.output
-    return yaml.safe_load(result.output)
+    return yaml.safe_load(result.stdout)
 
 
 _SKY_LOAD = textwrap.dedent("""
@@ -253,7 +253,7 @@ def test_skypilot_tasks_load_in_skypilot(tmp_path):
             "skypilot", SPEC_URI, "--image", IMAGE, "--accelerators", f"H100:{gpus}", "--nodes", str(nodes),
             "--spot", "--set", "lora.r=16", "--env", "AWS_REGION=us-east-1", "--pass-env", "AWS_ACCESS_KEY_ID",
             "--output", str(path)])
-        assert result.exit_code == 0 and result.output == "", result.output
+        assert result.exit_code == 0 and result.stdout == "", result.output
         paths.append(str(path))
     proc = subprocess.run([python, "-c", _SKY_LOAD, *paths], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HOME": str(tmp_path)})
@@ -276,7 +276,7 @@ def test_skypilot_writes_no_secret_value(monkeypatch):
     result = CliRunner().invoke(launch_group, ["skypilot", SPEC_URI, "--image", IMAGE, "--accelerators", "A100:8",
                                                "--accelerators", "H100:8", "--pass-env", "AWS_SECRET_ACCESS_KEY"])
     assert result.exit_code == 0
-    task = yaml.safe_load(result.output)
+    task = yaml.safe_load(result.stdout)
     assert "aws-secret-value-123" not in result.output
     assert task["secrets"] == {"AWS_SECRET_ACCESS_KEY": None}
     assert task["resources"]["accelerators"] == ["A100:8", "H100:8"]

@@ -117,7 +117,7 @@ def test_render_sizes_the_volumes_from_the_predicted_disk_and_says_so():
     recipe = str(K8S.parent / "examples" / "finetome-llama31-8b-chatml.yaml")
     result = CliRunner().invoke(main, ["k8s", "render", recipe, "--set", "run.output=s3://bucket/runs"])
     assert result.exit_code == 0, result.output
-    assert "volumes sized for a predicted peak of 75.8 GiB" in result.stderr
+    assert "disk sized for a predicted peak of 75.8 GiB" in result.stderr
     sizes, resources = _volumes(result.stdout)
     disk = estimate_disk(arch_from_table("unsloth/Meta-Llama-3.1-8B"), merged=True,
                          gguf_types=["q4_k_m", "q5_k_m", "q8_0", "q2_k", "q3_k_m", "q6_k"])
@@ -129,5 +129,49 @@ def test_render_sizes_the_volumes_from_the_predicted_disk_and_says_so():
     assert int(resources["limits"]["ephemeral-storage"].removesuffix("Gi")) > requested
 
     remote = CliRunner().invoke(main, ["k8s", "render", SPEC_URI])
-    assert remote.exit_code == 0 and "keep k8s/base/job.yaml's sizes" in remote.stderr
+    assert remote.exit_code == 0 and "keeps k8s/base/job.yaml's sizes" in remote.stderr
     assert _volumes(remote.stdout)[0]["scratch"] == "50Gi"
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A folder served over http://127.0.0.1, as a spec URI the launching machine can read."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_launch_reads_a_spec_it_can_reach_validates_it_whole_and_sizes_the_disk(served):
+    import yaml
+
+    from job.deploy import launch
+    from job.plan.estimate import arch_from_table, estimate_disk
+
+    folder, url = served
+    recipe = yaml.safe_load((K8S.parent / "examples" / "finetome-llama31-8b-chatml.yaml").read_text())
+    recipe["run"]["output"] = "s3://bucket/runs"
+    (folder / "spec.yaml").write_text(yaml.safe_dump(recipe))
+    (folder / "bad.yaml").write_text(yaml.safe_dump({**recipe, "lora": {**recipe["lora"], "r": "sixteen"}}))
+    disk = estimate_disk(arch_from_table("llama-3.1-8b"), merged=True, gguf_types=recipe["export"]["gguf"])
+    with fake_apis.runpod(API_KEYS["RUNPOD_API_KEY"]) as api:
+        runpod = ["launch", "runpod", "--image", "i", "--gpu", "NVIDIA H100 80GB HBM3", "--api-url", f"{api.url}/v1"]
+        sized = CliRunner().invoke(main, [*runpod, f"{url}/spec.yaml"], env=API_KEYS)
+        given = CliRunner().invoke(main, [*runpod, f"{url}/spec.yaml", "--disk-gb", "300"], env=API_KEYS)
+        bad = CliRunner().invoke(main, [*runpod, f"{url}/bad.yaml"], env=API_KEYS)
+        assert sized.exit_code == 0 and given.exit_code == 0, sized.output + given.output
+        assert bad.exit_code == errors.EXIT_USER and "lora.r" in bad.output and len(api.requests) == 2
+        assert [body["containerDiskInGb"] for _, _, body in api.requests] == [launch.runpod_disk_gb(disk), 300]
+    assert disk.total * 1.07 < launch.runpod_disk_gb(disk) < disk.total * 1.07 * 1.2 + 10  # GiB → GB, headroom
+    task = CliRunner().invoke(main, ["launch", "skypilot", f"{url}/spec.yaml", "--image", "i", "--accelerators", "H100"])
+    assert task.exit_code == 0 and yaml.safe_load(task.stdout)["resources"]["disk_size"] == launch.skypilot_disk_gb(disk)
+    unreadable = CliRunner().invoke(main, ["launch", "skypilot", f"{url}/missing.yaml", "--image", "i",
+                                           "--accelerators", "H100"])
+    assert unreadable.exit_code == 0 and "cannot read" in unreadable.stderr
+    assert "disk_size" not in yaml.safe_load(unreadable.stdout)["resources"]
