@@ -1,29 +1,19 @@
 #!/usr/bin/env bash
-# On the GPU host, in one call: build the pinned llama.cpp tools from the carried source (no network there), then
-# time the tokenizer pre-flight, the export and the verify stage at the 8B shape (bench/verify_time.py).
+# On the GPU host, in one call: time job's post-training stages at the 8B shape (bench/verify_time.py) and, with
+# --bare, the bare tools' sequential commands on the same files first.
 # Carried (made here, .gpu-bench/ in .git/info/exclude):
 #   .gpu-bench/site.tgz          shared/gpu/make-offline-bundle.sh .gpu-bench pydantic==2.14.4 pydantic-core annotated-types typing-inspection
-#   .gpu-bench/llama-src.tgz     vendor/llama.cpp of the llama-cpp-python 0.3.36 sdist, without models/, benches/ and the
-#                                GPU backends other than CUDA
+#   .gpu-bench/llama-tools.tgz   the llama.cpp tools as docker/build-llama-cpp.sh builds them for the image (portable
+#                                x86-64, GGML_NATIVE=OFF): tar czf .gpu-bench/llama-tools.tgz -C ~/.cache/job llama.cpp-0.3.36
 #   .gpu-bench/llama3-tokenizer  shared/gpu/make-llama3-tokenizer.py models/ggml-vocab-llama-bpe.gguf .gpu-bench/llama3-tokenizer
-# Usage: bash bench/verify_gpu.sh OUT_DIR
+# Usage: bash bench/verify_gpu.sh OUT_DIR [verify_time.py options, e.g. --bare --skip-gates-only]
 set -euo pipefail
-out=${1:?usage: verify_gpu.sh OUT_DIR}
-mkdir -p /tmp/site /tmp/lsrc "$out"
+out=${1:?usage: verify_gpu.sh OUT_DIR [options]}; shift
+mkdir -p /tmp/site "$out"
 tar xzf .gpu-bench/site.tgz -C /tmp/site
-tar xzf .gpu-bench/llama-src.tgz -C /tmp/lsrc
-src=/tmp/lsrc/llama.cpp tools=/tmp/llama-tools
-started=$(date +%s)
-cmake -S "$src" -B /tmp/lbuild -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF \
-  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF >/dev/null
-cmake --build /tmp/lbuild --target llama-quantize llama-completion llama-perplexity llama-tokenize -j "$(nproc)" \
-  >"$out/build.log" 2>&1
-mkdir -p "$tools/bin"
-for tool in llama-quantize llama-completion llama-perplexity llama-tokenize; do cp "/tmp/lbuild/bin/$tool" "$tools/bin/"; done
-cp "$src/convert_hf_to_gguf.py" "$tools/"; cp -r "$src/conversion" "$src/gguf-py" "$tools/"
-echo 0c1e57098bba43ac29e6e3b677cdceebdd22334f >"$tools/COMMIT"
-echo "{\"step\": \"build_llama_cpp\", \"seconds\": $(( $(date +%s) - started ))}" >>"$out/verify.jsonl"
-{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; } >"$out/machine.txt"
+tools=/tmp/llama-tools/llama.cpp-0.3.36
+mkdir -p /tmp/llama-tools && tar xzf .gpu-bench/llama-tools.tgz -C /tmp/llama-tools
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; command -v nvcc || echo "no nvcc"; ls -d /usr/local/cuda* 2>/dev/null || true; python -m pip list 2>/dev/null | grep -i -e nvidia -e "^torch " || true; } >"$out/machine.txt"
 export PYTHONPATH="/tmp/site:$PWD:$tools/gguf-py" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 python bench/verify_time.py --tokenizer .gpu-bench/llama3-tokenizer --llama-cpp "$tools" --work /tmp/verify-bench \
-  --out "$out/verify.jsonl" 2>&1 | grep -v -e '^Loading weights' -e 'Writing model shards' | tee "$out/run.log"
+  --out "$out/verify.jsonl" "$@" 2>&1 | grep -v -e '^Loading weights' -e 'Writing model shards' | tee "$out/run.log"

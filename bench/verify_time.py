@@ -73,21 +73,76 @@ def make_adapter(base: Path, directory: Path) -> None:
     torch.cuda.empty_cache()
 
 
+def bare_tools(clock: Clock, base: Path, adapter_dir: Path, work: Path, tools) -> None:
+    """The same post-training work with the bare tools, one after another: peft's merge and save, llama.cpp's
+    converter to a bf16 GGUF, llama-quantize to Q4_K_M and Q8_0 (as many threads as job gives it)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from job import llamacpp
+
+    merged = work / "merged"
+
+    def merge_and_save() -> None:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map="cuda")
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        model.save_pretrained(merged, safe_serialization=True)
+        AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(merged)
+        del model
+        torch.cuda.empty_cache()
+
+    def run(*cmd, env=None) -> None:
+        subprocess.run([str(c) for c in cmd], check=True, capture_output=True, env=env)
+
+    threads = llamacpp.cpu_threads()
+    bf16 = work / "bare-bf16.gguf"
+    clock.step("bare_merge_save", merge_and_save)
+    clock.step("bare_convert_bf16", lambda: run(sys.executable, tools.converter, merged, "--outfile", bf16,
+                                                "--outtype", "bf16",
+                                                env=dict(os.environ, PYTHONPATH=str(tools.home / "gguf-py"))))
+    for qtype in ("Q4_K_M", "Q8_0"):
+        clock.step(f"bare_quantize_{qtype.lower()}", lambda q=qtype: run(tools.quantize, bf16, work / f"bare-{q}.gguf",
+                                                                          q, threads), threads=threads)
+
+    import shutil
+
+    shutil.rmtree(merged)  # the GPU host's disk is 64 GiB: the base and bf16 copies are 32 of them already
+    for qtype in ("Q4_K_M", "Q8_0"):
+        (work / f"bare-{qtype}.gguf").unlink()
+
+    def both_at_once() -> None:  # would quantizing in parallel pay? (llama-quantize's threads against processes)
+        procs = [subprocess.Popen([str(tools.quantize), str(bf16), str(work / f"both-{q}.gguf"), q, str(threads)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for q in ("Q4_K_M", "Q8_0")]
+        assert all(p.wait() == 0 for p in procs)
+
+    clock.step("bare_quantize_both_at_once", both_at_once, threads=threads)
+    shutil.rmtree(work)  # the disk and page cache as job's steps will find them
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--llama-cpp", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--bare", action="store_true", help="also time the bare tools, one after another, first")
+    parser.add_argument("--skip-gates-only", action="store_true")
     args = parser.parse_args()
 
     import torch
 
-    from job import data, export, llamacpp, verify
+    from job import data, export, llamacpp, log, verify
     from job.model import load_tokenizer
     from job.spec import DataSection, ModelSection
     from job.storage import S3Settings
 
+    # job's own events (each llama.cpp tool's seconds, each artifact's check by part) beside the steps
+    log.setup(json_logs=True, level="DEBUG", stream=open(args.out.with_name("events.jsonl"), "a"))
     clock = Clock(args.out)
     base, adapter_dir, staging = args.work / "base", args.work / "adapter", args.work / "out"
     clock.step("make_model", lambda: make_model(base, args.tokenizer))
@@ -117,6 +172,8 @@ def main() -> None:
         references.append(clock.step("references_in_merge", lambda: verify.references(unmerged, evaluation),
                                      scored_tokens=evaluation.scored_tokens))
 
+    if args.bare:
+        bare_tools(clock, base, adapter_dir, args.work / "bare", tools)
     merged_dir, _ = clock.step("export_merge", lambda: export.merge(base, adapter_dir, staging, ModelSection(name=str(base)),
                                                                      before_merge=before_merge))
     torch.cuda.empty_cache()
@@ -127,7 +184,15 @@ def main() -> None:
         report))
     with open(args.out, "a") as fh:
         fh.write(json.dumps({"step": "verification", **result.as_dict()}) + "\n")
+    from job import publish
+
+    # publish's own work before any byte moves: a sha256 of every staged file (merged shards and GGUFs)
+    clock.step("publish_inventory", lambda: publish.inventory(staging), threads=publish.HASHING_THREADS)
+    publish.HASHING_THREADS = 1
+    clock.step("publish_inventory_one_thread", lambda: publish.inventory(staging))
     print("\n".join(verify.table(result.as_dict())), flush=True)
+    if args.skip_gates_only:
+        return
     # The verify stage without the greedy samples: the gates alone
     clock.step("verify_gates_only", lambda: verify.verify_artifacts(
         evaluation, references[0], base, adapter_dir, merged_dir, gguf, tools, tokenizer, args.work / "verify", False))

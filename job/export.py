@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,15 +95,20 @@ def check_convertible(tools: llamacpp.Tools, config: dict) -> None:
                              "model llama.cpp supports")
 
 
-def to_gguf(tools: llamacpp.Tools, merged_dir: Path, out_dir: Path, types: list[str], stem: str) -> dict[str, Path]:
-    """Convert the merged checkpoint once to a bf16 GGUF, then quantize to each requested type."""
+def to_gguf(tools: llamacpp.Tools, merged_dir: Path, out_dir: Path, types: list[str], stem: str,
+            on_made: Callable[[Path], None] | None = None) -> dict[str, Path]:
+    """Convert the merged checkpoint once to a bf16 GGUF, then quantize to each requested type; `on_made` is handed
+    each finished file (the bf16 one once the last quant that reads it is done)."""
     events = log.get()
     gguf_dir = out_dir / "gguf"
     gguf_dir.mkdir(parents=True, exist_ok=True)
     threads = llamacpp.cpu_threads()
     intermediate = gguf_dir / f"{stem}-bf16.gguf"
     events.info("export.gguf.convert.started", outtype="bf16")
+    started = time.monotonic()
     llamacpp.convert(tools, merged_dir, intermediate, "bf16")
+    events.info("export.gguf.convert.finished", outtype="bf16", bytes=intermediate.stat().st_size,
+                seconds=round(time.monotonic() - started, 2))
     made: dict[str, Path] = {}
     for qtype in types:
         target = gguf_dir / f"{stem}-{qtype}.gguf"
@@ -110,11 +116,17 @@ def to_gguf(tools: llamacpp.Tools, merged_dir: Path, out_dir: Path, types: list[
             made[qtype] = intermediate
             continue
         events.info("export.gguf.quantize.started", type=qtype, threads=threads)
+        started = time.monotonic()
         llamacpp.quantize(tools, intermediate, target, qtype, threads)
         made[qtype] = target
-        events.info("export.gguf.quantize.finished", type=qtype, bytes=target.stat().st_size)
+        events.info("export.gguf.quantize.finished", type=qtype, bytes=target.stat().st_size,
+                    seconds=round(time.monotonic() - started, 2))
+        if on_made:
+            on_made(target)
     if "bf16" not in types:
         intermediate.unlink()
+    elif on_made:
+        on_made(intermediate)
     return made
 
 

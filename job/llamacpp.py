@@ -16,9 +16,11 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from job import log
 from job.errors import JobError, OutOfResources, ToolMissingError, VerificationError
 
 PINNED_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
@@ -94,11 +96,14 @@ def cpu_threads(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 
 
 def run_tool(cmd: list[str], what: str, env: dict | None = None, timeout: int = 3 * 3600) -> subprocess.CompletedProcess:
+    started = time.monotonic()
     try:
         # llama-completion prints each token's raw bytes: text cut at the token limit may end inside a character.
         proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise VerificationError(f"{what} did not finish within {timeout} s") from exc
+    log.get().debug("llamacpp.tool.finished", tool=what, seconds=round(time.monotonic() - started, 2),
+                    exit_code=proc.returncode)
     if proc.returncode != 0:
         raise _failure(what, proc.returncode, (proc.stderr or proc.stdout)[-2000:])
     return proc
@@ -189,6 +194,23 @@ def gguf_metadata(path: Path) -> dict:
     """A GGUF's header keys: scalars and strings as values, arrays as their lengths. Read straight from the header with
     gguf-py's type table: its GGUFReader turns every element of every array (a vocabulary's 50,000-250,000 strings and
     merges) into numpy views, 7 s for SmolLM2's vocabulary on two cores, where skipping them takes milliseconds."""
+    return {key: value for key, value, _raw in _header_entries(path)}
+
+
+def tokenizer_digest(path: Path) -> str:
+    """sha256 of the GGUF's tokenizer.* keys and values as stored: two GGUFs with one digest tokenize alike in
+    llama.cpp (llama-quantize copies the converter's tokenizer unchanged into every quant)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, _value, raw in _header_entries(path):
+        if key.startswith("tokenizer."):
+            digest.update(raw)
+    return digest.hexdigest()
+
+
+def _header_entries(path: Path):
+    """(key, value, the entry's raw bytes) for each key of a GGUF header; arrays' values are their lengths."""
     import mmap
 
     from gguf import GGUFValueType
@@ -207,13 +229,13 @@ def gguf_metadata(path: Path) -> dict:
             (length,) = struct.unpack_from("<Q", data, at)
             return data[at + 8:at + 8 + length].decode("utf-8", errors="replace"), at + 8 + length
 
-        meta: dict = {}
         for _ in range(n_kv):
+            entry = offset
             key, offset = string(offset)
             (kind,) = struct.unpack_from("<I", data, offset)
             offset += 4
             if kind == GGUFValueType.STRING:
-                meta[key], offset = string(offset)
+                value, offset = string(offset)
             elif kind == GGUFValueType.ARRAY:
                 item, count = struct.unpack_from("<IQ", data, offset)
                 offset += 12
@@ -224,8 +246,8 @@ def gguf_metadata(path: Path) -> dict:
                     offset += count * struct.calcsize(scalars[item])
                 else:
                     raise VerificationError(f"{path.name}: key {key} holds arrays of arrays, which job does not read")
-                meta[key] = count
+                value = count
             else:
-                (meta[key],) = struct.unpack_from("<" + scalars[GGUFValueType(kind)], data, offset)
+                (value,) = struct.unpack_from("<" + scalars[GGUFValueType(kind)], data, offset)
                 offset += struct.calcsize(scalars[GGUFValueType(kind)])
-    return meta
+            yield key, value, data[entry:offset]

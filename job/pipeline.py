@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,19 +112,27 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
         verify.answer_with_adapter(peft_model, tokenizer, report)
         evaluation = verify.evaluation_set(tokenizer, report, held_out, vocab.bos_id if vocab and vocab.add_bos else None)
 
-    with stage("export", timings, current):
-        adapter_dir = export.save_adapter(peft_model, tokenizer, env.staging)
-        del peft_model  # the training model's memory is freed before the merge loads the 16-bit base
-        exported, references = _export(spec, env, fetched, adapter_dir, tokenizer, template, tools, evaluation)
+    # Artifacts start uploading as soon as each is made; only the manifest, written after every gate passed, vouches
+    # for them (a failure deletes them again).
+    early = publish.EarlyUploads(store, run_id, env.staging)
+    try:
+        with stage("export", timings, current):
+            adapter_dir = export.save_adapter(peft_model, tokenizer, env.staging)
+            del peft_model  # the training model's memory is freed before the merge loads the 16-bit base
+            exported, references = _export(spec, env, fetched, adapter_dir, tokenizer, template, tools, evaluation,
+                                           early.send)
 
-    with stage("verify", timings, current):
-        verification = verify.Verification(evaluation)
-        if references:
-            verification = verify.verify_artifacts(evaluation, references[0], fetched.path, exported.adapter_dir,
-                                                   exported.merged_dir, exported.gguf, tools, tokenizer,
-                                                   env.work / "verify", spec.model.trust_remote_code, report)
-        verify.save_evaluation(evaluation, env.staging)
-        verification.raise_for_failures()
+        with stage("verify", timings, current):
+            verification = verify.Verification(evaluation)
+            if references:
+                verification = verify.verify_artifacts(evaluation, references[0], fetched.path, exported.adapter_dir,
+                                                       exported.merged_dir, exported.gguf, tools, tokenizer,
+                                                       env.work / "verify", spec.model.trust_remote_code, report)
+            verify.save_evaluation(evaluation, env.staging)
+            verification.raise_for_failures()
+    except BaseException:
+        early.discard()
+        raise
 
     with stage("publish", timings, current):
         body = rundir.Manifest(
@@ -143,7 +152,7 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
             versions=publish.package_versions(),
             timings_seconds=timings,
         )
-        manifest = _publish(spec, env.staging, store, body, result.metrics_path)
+        manifest = _publish(spec, env.staging, store, body, result.metrics_path, early)
     return RunResult(run_id=run_id, destination=f"{store.uri}/{run_id}", manifest=manifest)
 
 
@@ -224,10 +233,11 @@ def _train(spec: Spec, env: _Environment, store, fetched, tokenizer, dataset, ev
     return peft_model, result, info
 
 
-def _export(spec: Spec, env: _Environment, fetched, adapter_dir: Path, tokenizer, template, tools, evaluation):
-    """The merged 16-bit weights and the GGUFs in the staging folder beside the adapter, and the reference
-    distributions verify scores them against: computed on the adapter over the 16-bit base while the merge has it
-    loaded."""
+def _export(spec: Spec, env: _Environment, fetched, adapter_dir: Path, tokenizer, template, tools, evaluation,
+            send: Callable[[Path], None]):
+    """The merged 16-bit weights and the GGUFs in the staging folder beside the adapter, each handed to `send` once
+    made, and the reference distributions verify scores them against: computed on the adapter over the 16-bit base
+    while the merge has it loaded."""
     exported = export.Exported(adapter_dir=adapter_dir)
     gc.collect()
     if env.torch.cuda.is_available():
@@ -237,8 +247,10 @@ def _export(spec: Spec, env: _Environment, fetched, adapter_dir: Path, tokenizer
         exported.merged_dir, exported.merge_method = export.merge(
             fetched.path, exported.adapter_dir, env.staging, spec.model,
             before_merge=lambda unmerged: references.append(verify.references(unmerged, evaluation)))
+        send(exported.merged_dir)
     if tools:
-        exported.gguf = export.to_gguf(tools, exported.merged_dir, env.staging, spec.export.gguf, stem=spec.run_id)
+        exported.gguf = export.to_gguf(tools, exported.merged_dir, env.staging, spec.export.gguf, stem=spec.run_id,
+                                       on_made=send)
         family = card.template_family(tokenizer.chat_template, template)
         first = exported.gguf[spec.export.gguf[0]].name
         system = card.default_system(tokenizer, family)
@@ -246,13 +258,14 @@ def _export(spec: Spec, env: _Environment, fetched, adapter_dir: Path, tokenizer
     return exported, references
 
 
-def _publish(spec: Spec, staging: Path, store, body: rundir.Manifest, metrics_path: Path) -> rundir.Manifest:
+def _publish(spec: Spec, staging: Path, store, body: rundir.Manifest, metrics_path: Path,
+             early: publish.EarlyUploads) -> rundir.Manifest:
     (staging / rundir.METRICS).write_bytes(metrics_path.read_bytes())
     plots.loss_curve(staging / rundir.METRICS, staging / "loss.png")
     (staging / rundir.SPEC).write_text(yaml.safe_dump(spec.masked(), sort_keys=False))
     files = [p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()]
     (staging / "README.md").write_text(card.model_card({**body, "run_id": spec.run_id}, files))
-    manifest = publish.publish(staging, store, spec.run_id, body)
+    manifest = publish.publish(staging, store, spec.run_id, body, early)
     # Complete: the checkpoints and an earlier attempt's failure record have served their purpose.
     checkpoint.remove_all(store, spec.run_id)
     rundir.clear_failure(store, spec.run_id)

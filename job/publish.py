@@ -1,8 +1,13 @@
-"""Publish a run: every artifact first, `manifest.json` last. A run is complete only when its manifest exists."""
+"""Publish a run: every artifact first, `manifest.json` last. A run is complete only when its manifest exists.
+
+Large artifacts may go early (EarlyUploads), while later ones are made and checked; publish() then finds them in
+the store and sends only the rest. Until the manifest is written, nothing under RUN_ID vouches for them."""
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -25,34 +30,97 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def inventory(staging: Path) -> list[dict]:
-    files = []
-    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-        rel = path.relative_to(staging).as_posix()
-        if rel == MANIFEST:
-            continue
-        files.append({"path": rel, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
-    return files
+def inventory(staging: Path, known: dict[str, str] | None = None) -> list[dict]:
+    """Every staged file with its size and sha256; `known` holds digests already computed (by EarlyUploads). The rest
+    are hashed several at once: hashlib works outside the GIL, and the merged shards and GGUFs are many GB each."""
+    paths = sorted(p for p in staging.rglob("*") if p.is_file() and p.relative_to(staging).as_posix() != MANIFEST)
+    known = known or {}
+    with ThreadPoolExecutor(max_workers=HASHING_THREADS) as pool:
+        digests = list(pool.map(lambda p: known.get(p.relative_to(staging).as_posix()) or sha256_file(p), paths))
+    return [{"path": p.relative_to(staging).as_posix(), "bytes": p.stat().st_size, "sha256": digest}
+            for p, digest in zip(paths, digests)]
 
 
-def publish(staging: Path, store: LocalStorage | S3Storage, run_id: str, body: Manifest) -> Manifest:
-    """Upload every file, check each one the store now holds, then write the manifest: only if all of them match.
+HASHING_THREADS = 4
+
+
+def retire_manifest(store: LocalStorage | S3Storage, run_id: str) -> None:
+    """An old manifest must not vouch for files that are about to be replaced: it moves to manifest.json.superseded
+    until a publish succeeds."""
+    manifest_key = f"{run_id}/{MANIFEST}"
+    if store.exists(manifest_key):
+        store.put_bytes(manifest_key + ".superseded", store.read_bytes(manifest_key))
+        store.delete(manifest_key)
+
+
+class EarlyUploads:
+    """Artifacts sent while the next ones are made and checked, one at a time in a background thread (each upload is
+    itself parallel: boto3's transfer manager). publish() skips what arrived intact. If the run fails, discard()
+    deletes what was sent: no manifest ever vouched for it."""
+
+    def __init__(self, store: LocalStorage | S3Storage, run_id: str, staging: Path):
+        self.store, self.run_id, self.staging = store, run_id, staging
+        retire_manifest(store, run_id)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="early-upload")
+        self._sent: list[Future] = []
+        self._keys: list[str] = []
+        self._lock = threading.Lock()
+        self.digests: dict[str, str] = {}
+
+    def send(self, path: Path) -> None:
+        """Upload a staged file, or every file of a staged folder, in the background."""
+        for file in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+            self._sent.append(self._pool.submit(self._upload, file.relative_to(self.staging).as_posix()))
+
+    def _upload(self, rel: str) -> None:
+        started = time.monotonic()
+        digest = sha256_file(self.staging / rel)
+        with self._lock:
+            self.digests[rel] = digest
+            self._keys.append(f"{self.run_id}/{rel}")
+        self.store.upload_file(self.staging / rel, f"{self.run_id}/{rel}", digest)
+        log.get().info("publish.early_upload", path=rel, bytes=(self.staging / rel).stat().st_size,
+                       seconds=round(time.monotonic() - started, 2))
+
+    def wait(self) -> dict[str, str]:
+        """Every upload done (the first failure raised); the digests computed on the way."""
+        for future in self._sent:
+            future.result()
+        self._pool.shutdown(wait=True)
+        return dict(self.digests)
+
+    def discard(self) -> None:
+        """Stop sending, and delete whatever was sent (best effort: a failure is logged, never raised)."""
+        for future in self._sent:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        for key in list(self._keys):
+            try:
+                self.store.delete(key)
+            except Exception:  # noqa: BLE001 - the run's own failure is the one to report
+                log.get().warning("publish.early_upload_not_removed", key=f"{self.store.uri}/{key}")
+
+
+def publish(staging: Path, store: LocalStorage | S3Storage, run_id: str, body: Manifest,
+            early: EarlyUploads | None = None) -> Manifest:
+    """Upload every file (those `early` sent intact are skipped), check each one the store now holds, then write the
+    manifest: only if all of them match.
 
     On any failure no manifest exists under RUN_ID (an earlier run's manifest is left at manifest.json.superseded,
     until a publish succeeds)."""
     events = log.get()
     manifest_key = f"{run_id}/{MANIFEST}"
-    # An old manifest must not vouch for files that are about to be replaced.
-    if store.exists(manifest_key):
-        store.put_bytes(manifest_key + ".superseded", store.read_bytes(manifest_key))
-        store.delete(manifest_key)
-    files = inventory(staging)
+    retire_manifest(store, run_id)
+    sent_early = early.wait() if early else {}
+    files = inventory(staging, sent_early)
     total = sum(f["bytes"] for f in files)
     events.info("publish.started", destination=f"{store.uri}/{run_id}", files=len(files), bytes=total)
     sent = skipped = done = 0
     started = time.monotonic()
     for entry in files:
-        if store.upload_file(staging / entry["path"], f"{run_id}/{entry['path']}", entry["sha256"]):
+        if entry["path"] in sent_early:  # checked with the rest below
+            pass
+        elif store.upload_file(staging / entry["path"], f"{run_id}/{entry['path']}", entry["sha256"]):
             sent += 1
         else:
             skipped += 1
@@ -84,7 +152,7 @@ def publish(staging: Path, store: LocalStorage | S3Storage, run_id: str, body: M
         store.delete(manifest_key + ".superseded")
     except JobError:
         events.warning("publish.superseded_not_removed", key=f"{store.uri}/{manifest_key}.superseded")
-    events.info("publish.finished", destination=f"{store.uri}/{run_id}", uploaded=sent, unchanged=skipped,
+    events.info("publish.finished", destination=f"{store.uri}/{run_id}", uploaded=sent, uploaded_early=len(sent_early), unchanged=skipped,
                 seconds=round(time.monotonic() - started, 2))
     return manifest
 

@@ -17,9 +17,11 @@ measured (KLD(base, merged) / KLD(base, adapter)) and published; the adapter is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -374,10 +376,14 @@ def end_of_turn_problems(vocab: GgufVocab, tokenizer) -> list[str]:
 
 
 def tokenizer_mismatch(tools: llamacpp.Tools, gguf: Path, tokenizer, texts: list[str]) -> str | None:
-    """The first text llama.cpp tokenizes differently from the Hugging Face tokenizer, with both token lists."""
-    for text in texts:
+    """The first text llama.cpp tokenizes differently from the Hugging Face tokenizer, with both token lists. One
+    llama-tokenize process a text, several at once: each spends most of its time loading the vocabulary on one core."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, llamacpp.cpu_threads()))) as pool:
+        tokenized = list(pool.map(lambda text: llamacpp.tokenize(tools, gguf, text), texts))
+    for text, actual in zip(texts, tokenized):
         expected = tokenizer(text, add_special_tokens=False)["input_ids"]
-        actual = llamacpp.tokenize(tools, gguf, text)
         if actual != expected:
             at = next((i for i, (a, b) in enumerate(zip(expected, actual)) if a != b), min(len(expected), len(actual)))
             lo = max(0, at - 3)
@@ -579,11 +585,15 @@ def check_merged(merged_dir: Path, refs: References, evaluation: EvaluationSet, 
     Two gates. The weights: each must be the base plus the adapter's update, rounded to 16 bits. The distribution:
     no further from the adapter than the base itself is (plus THRESHOLDS["merged"]): where the update is smaller than
     16-bit rounding, the merged weights answer like the base, which is a finding (adapter_effect), not a failure."""
-    model = load_checkpoint(merged_dir, trust_remote_code)
+    parts = _Parts()
+    with parts("load"):
+        model = load_checkpoint(merged_dir, trust_remote_code)
     try:
-        merged = log_probs(model, evaluation)
+        with parts("score"):
+            merged = log_probs(model, evaluation)
         if report is not None:
-            report.put("merged", *generate(model, tokenizer, report.probes, report.max_new_tokens))
+            with parts("answers"):
+                report.put("merged", *generate(model, tokenizer, report.probes, report.max_new_tokens))
     finally:
         del model
     figures = compare(refs.adapter, merged)
@@ -596,9 +606,11 @@ def check_merged(merged_dir: Path, refs: References, evaluation: EvaluationSet, 
     if not figures.mean_kld <= limit:
         verdict.problems.append(f"mean KL divergence from the adapter {figures.mean_kld:.4g} > {limit:.4g} (the base "
                                 f"itself is {base_distance:.4g} from it, plus {THRESHOLDS['merged'].max_mean_kld})")
-    verdict.weights, weight_problems = merged_weight_problems(base_path, adapter_dir, merged_dir)
+    with parts("weights"):
+        verdict.weights, weight_problems = merged_weight_problems(base_path, adapter_dir, merged_dir)
     verdict.problems += weight_problems
     result.verdicts.append(verdict)
+    parts.log("merged")
     result.adapter_effect = adapter_effect(refs, merged)
     if result.adapter_effect["finding"]:
         log.get().warning("verify.precision_loss", **result.adapter_effect)
@@ -606,22 +618,52 @@ def check_merged(merged_dir: Path, refs: References, evaluation: EvaluationSet, 
 
 
 def check_gguf(tools: llamacpp.Tools, qtype: str, gguf: Path, reference, kld_base: Path, evaluation: EvaluationSet,
-               tokenizer, result: Verification, report: ProbeReport | None) -> None:
+               tokenizer, result: Verification, report: ProbeReport | None, tokenizers_checked: dict | None = None) -> None:
+    """One GGUF's gates. `tokenizers_checked` maps a GGUF tokenizer digest to what its check found, so the quants of
+    one conversion (one tokenizer, copied unchanged) are tokenized once."""
     verdict = Verdict(f"gguf/{qtype}", "the merged weights (PyTorch)")
+    parts = _Parts()
     if report is not None:
-        report.put(f"gguf_{qtype}", *answer_with_gguf(tools, gguf, tokenizer, report.probes, report.max_new_tokens))
+        with parts("answers"):
+            report.put(f"gguf_{qtype}", *answer_with_gguf(tools, gguf, tokenizer, report.probes, report.max_new_tokens))
     vocab = read_gguf_vocab(gguf)
     verdict.problems += end_of_turn_problems(vocab, tokenizer)
-    if mismatch := tokenizer_mismatch(tools, gguf, tokenizer, [TOKENIZER_PROBE, *evaluation.texts]):
+    with parts("tokenizer"):
+        checked = tokenizers_checked if tokenizers_checked is not None else {}
+        digest = llamacpp.tokenizer_digest(gguf)
+        if digest not in checked:
+            checked[digest] = tokenizer_mismatch(tools, gguf, tokenizer, [TOKENIZER_PROBE, *evaluation.texts])
+        mismatch = checked[digest]
+    if mismatch:
         verdict.problems.append(f"llama.cpp tokenizes {mismatch}")
     if vocab.n_vocab != reference.shape[-1]:
         verdict.problems.append(f"its vocabulary has {vocab.n_vocab} tokens, the model's {reference.shape[-1]}")
         result.verdicts.append(verdict)
         return
-    stats = llamacpp.kl_divergence(tools, gguf, kld_base, evaluation.window, llamacpp.cpu_threads())
+    with parts("kld"):
+        stats = llamacpp.kl_divergence(tools, gguf, kld_base, evaluation.window, llamacpp.cpu_threads())
+    parts.log(f"gguf/{qtype}", bytes=gguf.stat().st_size)
     figures = Figures(mean_kld=stats["mean_kld"], p99_kld=stats["p99_kld"], max_kld=stats["max_kld"],
                       same_top_rate=stats["same_top_rate"], tokens=evaluation.scored_tokens)
     result.verdicts.append(judge(verdict, figures, confidence(reference)))
+
+
+class _Parts:
+    """Seconds of each part of one artifact's check, logged as `verify.artifact.checked`: where verify's time goes."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.started = time.monotonic()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = time.monotonic()
+        yield
+        self.seconds[name] = round(time.monotonic() - started, 2)
+
+    def log(self, artifact: str, **fields) -> None:
+        log.get().info("verify.artifact.checked", artifact=artifact, seconds=round(time.monotonic() - self.started, 2),
+                       parts=self.seconds, **fields)
 
 
 def load_checkpoint(path: Path, trust_remote_code: bool, adapter_dir: Path | None = None):
@@ -653,9 +695,11 @@ def verify_artifacts(evaluation: EvaluationSet, refs: References, base_path: Pat
         work.mkdir(parents=True, exist_ok=True)
         kld_base = work / "reference.kld"
         write_kld_base(kld_base, evaluation, reference)
+        tokenizers_checked: dict[str, str | None] = {}
         try:
             for qtype, path in gguf.items():
-                check_gguf(tools, qtype, path, reference, kld_base, evaluation, tokenizer, result, report)
+                check_gguf(tools, qtype, path, reference, kld_base, evaluation, tokenizer, result, report,
+                           tokenizers_checked)
         finally:
             kld_base.unlink(missing_ok=True)
     return result

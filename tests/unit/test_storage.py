@@ -208,3 +208,27 @@ def test_log_events_are_json_and_secrets_are_redacted():
     assert lines[0]["event"] == "upload.failed" and lines[0]["url"] == "https://x/?sig=***"
     assert lines[0]["nested"] == {"k": ["***"]} and lines[0]["note"] == "short stays"
     assert secret not in stream.getvalue() and "***" in lines[1]["event"]
+
+
+def test_early_uploads_are_not_sent_twice_and_a_failed_run_deletes_them(tmp_path, s3_env, bucket):
+    store = S3Storage(f"s3://{bucket}", S3Settings())
+    staging = make_staging(tmp_path)
+    (staging / "merged").mkdir()
+    (staging / "merged" / "model.safetensors").write_bytes(b"w" * 4096)
+    publish.publish(staging, store, "r1", {"status": "complete"})  # an earlier, complete run of the same id
+
+    early = publish.EarlyUploads(store, "r1", staging)
+    assert not store.exists("r1/manifest.json"), "the old manifest no longer vouches for files about to change"
+    (staging / "merged" / "model.safetensors").write_bytes(b"v" * 4096)
+    early.send(staging / "merged")
+    assert early.wait() == {"merged/model.safetensors": publish.sha256_file(staging / "merged" / "model.safetensors")}
+    assert store.read_bytes("r1/merged/model.safetensors") == b"v" * 4096
+    early.discard()  # the run failed after the upload: nothing it sent stays
+    assert not store.exists("r1/merged/model.safetensors") and not store.exists("r1/manifest.json")
+
+    recorded = RecordingStorage(tmp_path / "local")
+    early = publish.EarlyUploads(recorded, "r2", staging)
+    early.send(staging / "merged")
+    manifest = publish.publish(staging, recorded, "r2", {"status": "complete"}, early)
+    assert recorded.writes.count("r2/merged/model.safetensors") == 1 and recorded.writes[-1] == "r2/manifest.json"
+    assert {f["path"] for f in manifest["files"]} >= {"merged/model.safetensors", "metrics.jsonl"}

@@ -120,6 +120,32 @@ def test_the_gguf_header_reader_agrees_with_gguf_py(tmp_path):
     assert (vocab.n_vocab, vocab.bos_id, vocab.eos_id, vocab.add_bos, vocab.end_ids) == (4, 0, 1, False, {1})
 
 
+def _tiny_gguf(path, *, name: str, tokens: list[str], file_type: int = 1):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(path, "llama")
+    writer.add_name(name)
+    writer.add_file_type(file_type)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_tensor("t", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_quants_of_one_conversion_share_a_tokenizer_digest_and_another_vocabulary_does_not(tmp_path):
+    """What lets verify tokenize the texts once for all quants of one conversion."""
+    first = _tiny_gguf(tmp_path / "q4.gguf", name="run", tokens=["<s>", "a", "b"], file_type=15)
+    second = _tiny_gguf(tmp_path / "q8.gguf", name="run-q8", tokens=["<s>", "a", "b"], file_type=7)
+    other = _tiny_gguf(tmp_path / "other.gguf", name="run", tokens=["<s>", "a", "c"], file_type=15)
+    assert llamacpp.tokenizer_digest(first) == llamacpp.tokenizer_digest(second)
+    assert llamacpp.tokenizer_digest(first) != llamacpp.tokenizer_digest(other)
+
+
 def test_a_gguf_whose_end_ids_miss_the_templates_end_of_turn_is_named(smoke_tokenizer):
     im_end = smoke_tokenizer.convert_tokens_to_ids("<|im_end|>")
     ordinary = smoke_tokenizer.convert_tokens_to_ids("Ġthe")
