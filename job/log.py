@@ -91,8 +91,32 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def _size(n) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _artifact_line(event_dict) -> str | None:
+    """One line per artifact made, checked or sent after training, for a person at a terminal."""
+    event, seconds = event_dict.get("event"), event_dict.get("seconds")
+    took = f"  {seconds:.0f} s" if isinstance(seconds, (int, float)) else ""
+    size = f"  {_size(event_dict['bytes'])}" if isinstance(event_dict.get("bytes"), int) else ""
+    if event == "export.gguf.convert.finished":
+        return f"made     gguf/{event_dict.get('outtype')}{size}{took}"
+    if event == "export.gguf.quantize.finished":
+        return f"made     gguf/{event_dict.get('type')}{size}{took}"
+    if event == "verify.artifact.checked":
+        return f"checked  {event_dict.get('artifact')}{size}{took}"
+    if event == "publish.early_upload":
+        return f"sent     {event_dict.get('path')}{size}{took}"
+    return None
+
+
 def progress_line(_logger, _method, event_dict):
-    """On a terminal, a `train.step` event reads as one line a person can follow; the JSON event is unchanged."""
+    """On a terminal, a `train.step` event, and each artifact made, checked or sent, reads as one line a person can
+    follow; the JSON event is unchanged."""
+    if (line := _artifact_line(event_dict)) is not None:
+        kept = {k: event_dict[k] for k in ("timestamp", "level", "logger") if k in event_dict}
+        return {**kept, "event": line}
     if event_dict.get("event") != "train.step":
         return event_dict
     step, max_steps = event_dict.get("step"), event_dict.get("max_steps")

@@ -33,3 +33,13 @@ def test_json_logs_keep_the_whole_event():
 def test_unknown_eta_and_hours():
     assert log.progress_line(None, "info", {"event": "train.step", "step": 1, "max_steps": -1})["event"] == "step 1  ETA -"
     assert "ETA 1:01:05" in log.progress_line(None, "info", {"event": "train.step", "step": 1, "eta_seconds": 3665})["event"]
+
+
+def test_a_terminal_gets_one_line_per_artifact_made_checked_or_sent():
+    line = lambda **event: log.progress_line(None, "info", event)["event"]  # noqa: E731
+    assert line(event="export.gguf.quantize.finished", type="q4_k_m", bytes=4_920_734_144, seconds=42.85) == \
+        "made     gguf/q4_k_m  4.9 GB  43 s"
+    assert line(event="verify.artifact.checked", artifact="merged", seconds=8.77, parts={}) == "checked  merged  9 s"
+    assert line(event="publish.early_upload", path="adapter/adapter_model.safetensors", bytes=2_500_000, seconds=0.4) \
+        == "sent     adapter/adapter_model.safetensors  2.5 MB  0 s"
+    assert line(event="stage.started") == "stage.started"
