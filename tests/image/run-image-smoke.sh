@@ -1,29 +1,48 @@
 #!/usr/bin/env bash
-# CI test of the container image (issue #5): build the CPU variant from docker/Dockerfile, lint it,
-# and run the smoke job inside it configured only by env vars, publishing to a local S3 server
-# (moto) that is then checked from outside the container.
+# Test of the container image: build a variant from docker/Dockerfile, lint it, and run the smoke job
+# inside it configured only by env vars, publishing to a local S3 server (moto) that is then checked
+# from outside the container.
+#   VARIANT=cpu (default, `make test-image`, CI): the CPU image, reusing the host's torch wheel and
+#     llama.cpp tree.
+#   VARIANT=cuda (`make test-image-cuda`): the CUDA image exactly as `make image` builds it, from the
+#     package index and Debian's mirrors alone; then, without a GPU, checks its CUDA stack
+#     (tests/image/check-cuda-image.py), that a start with `backend: auto` fails with exit 3, runs the
+#     smoke job on the CPU (backend hf) and writes the image's package set to docker/lock-cuda.txt.
 #
 # Works on a fresh machine as root: installs docker.io + debootstrap if missing, starts dockerd if
 # none answers, makes the base image with debootstrap (no registry needed). Idempotent: safe to run
 # twice; everything it starts it stops, except dockerd, which it leaves running for the next step.
 #
-# Env: IMAGE (default job:cpu-test)   BASE_IMAGE (default job-base:bookworm, made if missing)
+# Env: VARIANT (cpu|cuda)   IMAGE (default job:cpu-test, job:cuda)   BASE_IMAGE (default job-base:bookworm,
+#      made if missing)
 #      LLAMA_CPP_DIR (default $JOB_LLAMA_CPP_DIR, else ~/.cache/job/llama.cpp-0.3.36: reused, built there
 #      once if missing)   IMAGE_TEST_VENV (default /tmp/job-image-test-venv)   KEEP=1 keeps volumes.
 #      IMAGE_TEST_SIGTERM=warn reports, instead of failing on, a job that ignores SIGTERM.
+#      IMAGE_TEST_NO_GPU=warn (cuda) reports, instead of failing on, a GPU-less `backend: auto` start that
+#      does not exit 3.   IMAGE_TEST_MEASURE=1 also prints the gzip-compressed size (minutes of CPU).
+#      IMAGE_TEST_LOCK=FILE runs the training containers under `flock FILE` (a machine shared with
+#      other CPU-heavy work).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
-IMAGE=${IMAGE:-job:cpu-test}
+VARIANT=${VARIANT:-cpu}
+case "$VARIANT" in
+  cpu) IMAGE=${IMAGE:-job:cpu-test}; sfx= ;;
+  cuda) IMAGE=${IMAGE:-job:cuda}; sfx=-cuda ;;
+  *) echo "VARIANT must be cpu or cuda, got '$VARIANT'" >&2; exit 2 ;;
+esac
 BASE_IMAGE=${BASE_IMAGE:-job-base:bookworm}
 cache_root=${JOB_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/job}
 LLAMA_CPP_DIR=${LLAMA_CPP_DIR:-${JOB_LLAMA_CPP_DIR:-$cache_root/llama.cpp-0.3.36}}
 venv=${IMAGE_TEST_VENV:-/tmp/job-image-test-venv}
-name=job-image-smoke
-vol_cache=job-image-smoke-cache
-vol_scratch=job-image-smoke-scratch
-bucket=job-image-smoke
+name=job-image-smoke$sfx
+vol_cache=job-image-smoke$sfx-cache
+vol_scratch=job-image-smoke$sfx-scratch
+bucket=job-image-smoke$sfx
 run_id=image-smoke
+logs=/tmp/job-image$sfx
+lock=()
+[ -z "${IMAGE_TEST_LOCK:-}" ] || lock=(flock "$IMAGE_TEST_LOCK")
 t0=$(date +%s)
 step() { printf '\n=== [%4ss] %s\n' "$(( $(date +%s) - t0 ))" "$*"; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
@@ -60,52 +79,66 @@ echo "hadolint: clean"
 step "base image $BASE_IMAGE"
 docker/make-base-image.sh "$BASE_IMAGE"
 
-step "build inputs in docker/local/ (CA bundle, torch CPU wheel, llama.cpp tools)"
+step "build inputs in docker/local/ (CA bundle$([ "$VARIANT" = cpu ] && echo ", torch CPU wheel, llama.cpp tools"))"
 # pip inside the build uses this machine's CA bundle (a TLS-inspecting egress needs its CA); it
 # stays in the build stages and never reaches the runtime image.
 ca=${PIP_CERT:-$(python3 -m pip config get global.cert 2>/dev/null || true)}
 [ -n "$ca" ] || ca=/etc/ssl/certs/ca-certificates.crt
 rm -f docker/local/certs/ca.crt
 if [ -f "$ca" ]; then cp "$ca" docker/local/certs/ca.crt; echo "CA bundle: $ca"; fi
-# The CPU torch pin from docker/constraints-cpu.txt, from a local wheel when this machine has one.
-torch_pin=$(sed -n 's/^torch==\([^ ]*\).*/\1/p' docker/constraints-cpu.txt)
-pyver=$(docker run --rm "$BASE_IMAGE" python3 -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-torch_index=auto
 find -L docker/local/wheels -name '*.whl' -delete
-for dir in ${PIP_FIND_LINKS:-} $(python3 -m pip config get global.find-links 2>/dev/null || true) /opt/wheels; do
-  whl=$(ls "$dir"/torch-"$torch_pin"-"$pyver"-"$pyver"-*linux*_x86_64.whl 2>/dev/null | head -1 || true)
-  if [ -n "$whl" ]; then ln "$whl" docker/local/wheels/ 2>/dev/null || cp "$whl" docker/local/wheels/; torch_index=none; echo "torch wheel: $whl"; break; fi
-done
-[ "$torch_index" = none ] || echo "no local torch $torch_pin wheel for $pyver: the build downloads it from download.pytorch.org"
-# llama.cpp: reuse the tree `make smoke` uses (build it there once if missing, so it is built once).
-if [ ! -f "$LLAMA_CPP_DIR/COMMIT" ]; then
-  echo "building llama.cpp tools into $LLAMA_CPP_DIR (once, ~8 min on 2 cores)"
-  bash docker/build-llama-cpp.sh "$LLAMA_CPP_DIR"
-fi
-rm -rf docker/local/llama.cpp.new
-cp -a "$LLAMA_CPP_DIR" docker/local/llama.cpp.new && touch docker/local/llama.cpp.new/.keep
-# cp -a keeps mtimes, so an unchanged tree keeps the build cache.
-if ! diff -r docker/local/llama.cpp docker/local/llama.cpp.new >/dev/null 2>&1; then
-  rm -rf docker/local/llama.cpp && mv docker/local/llama.cpp.new docker/local/llama.cpp
+if [ "$VARIANT" = cuda ]; then
+  # The CUDA image as `make image` builds it: torch, the NVIDIA libraries and the llama.cpp source from
+  # the package index, nothing from this machine.
+  find docker/local/llama.cpp -mindepth 1 -maxdepth 1 ! -name .keep -exec rm -rf {} +
+  torch_index=auto
 else
+  # The CPU torch pin from docker/constraints-cpu.txt, from a local wheel when this machine has one.
+  torch_pin=$(sed -n 's/^torch==\([^ ]*\).*/\1/p' docker/constraints-cpu.txt)
+  pyver=$(docker run --rm "$BASE_IMAGE" python3 -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+  torch_index=auto
+  for dir in ${PIP_FIND_LINKS:-} $(python3 -m pip config get global.find-links 2>/dev/null || true) /opt/wheels; do
+    whl=$(ls "$dir"/torch-"$torch_pin"-"$pyver"-"$pyver"-*linux*_x86_64.whl 2>/dev/null | head -1 || true)
+    if [ -n "$whl" ]; then ln "$whl" docker/local/wheels/ 2>/dev/null || cp "$whl" docker/local/wheels/; torch_index=none; echo "torch wheel: $whl"; break; fi
+  done
+  [ "$torch_index" = none ] || echo "no local torch $torch_pin wheel for $pyver: the build downloads it from download.pytorch.org"
+  # llama.cpp: reuse the tree `make smoke` uses (build it there once if missing, so it is built once).
+  if [ ! -f "$LLAMA_CPP_DIR/COMMIT" ]; then
+    echo "building llama.cpp tools into $LLAMA_CPP_DIR (once, ~8 min on 2 cores)"
+    bash docker/build-llama-cpp.sh "$LLAMA_CPP_DIR"
+  fi
   rm -rf docker/local/llama.cpp.new
+  cp -a "$LLAMA_CPP_DIR" docker/local/llama.cpp.new && touch docker/local/llama.cpp.new/.keep
+  # cp -a keeps mtimes, so an unchanged tree keeps the build cache.
+  if ! diff -r docker/local/llama.cpp docker/local/llama.cpp.new >/dev/null 2>&1; then
+    rm -rf docker/local/llama.cpp && mv docker/local/llama.cpp.new docker/local/llama.cpp
+  else
+    rm -rf docker/local/llama.cpp.new
+  fi
+  echo "llama.cpp: $LLAMA_CPP_DIR ($(cat "$LLAMA_CPP_DIR/COMMIT"))"
 fi
-echo "llama.cpp: $LLAMA_CPP_DIR ($(cat "$LLAMA_CPP_DIR/COMMIT"))"
 
 # --- build -------------------------------------------------------------------------------------------
-step "docker build (CPU variant) -> $IMAGE"
+step "docker build ($VARIANT variant) -> $IMAGE"
 build_start=$(date +%s)
+if [ "$VARIANT" = cpu ]; then
+  variant_args=(--build-arg VARIANT=cpu --build-arg IMAGE_LICENSES="Apache-2.0 AND MIT"
+                --build-arg TORCH_INDEX_URL="$torch_index" --build-arg LLAMA_CPP_PREBUILT=1)
+else
+  variant_args=(--build-arg VARIANT=cuda)
+fi
 DOCKER_BUILDKIT=0 docker build --network host -f docker/Dockerfile -t "$IMAGE" \
-  --build-arg VARIANT=cpu --build-arg BASE_IMAGE="$BASE_IMAGE" \
-  --build-arg IMAGE_LICENSES="Apache-2.0 AND MIT" \
-  --build-arg TORCH_INDEX_URL="$torch_index" --build-arg LLAMA_CPP_PREBUILT=1 \
+  --build-arg BASE_IMAGE="$BASE_IMAGE" "${variant_args[@]}" \
   --build-arg VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)" \
   --build-arg VCS_REF="$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
-  . > /tmp/job-image-build.log 2>&1 || { tail -60 /tmp/job-image-build.log >&2; fail "docker build (log: /tmp/job-image-build.log)"; }
-echo "built in $(( $(date +%s) - build_start )) s (log: /tmp/job-image-build.log)"
+  . > "$logs-build.log" 2>&1 || { tail -60 "$logs-build.log" >&2; fail "docker build (log: $logs-build.log)"; }
+echo "built in $(( $(date +%s) - build_start )) s (log: $logs-build.log)"
 docker image ls "$IMAGE"
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
-echo "IMAGE SIZE ($IMAGE, CPU variant): $(( size / 1000000 )) MB"
+echo "IMAGE SIZE ($IMAGE, $VARIANT variant): $(( size / 1000000 )) MB"
+if [ "${IMAGE_TEST_MEASURE:-0}" = 1 ]; then
+  echo "IMAGE SIZE gzip-compressed: $(( $(docker save "$IMAGE" | gzip | wc -c) / 1000000 )) MB"
+fi
 
 # --- static checks of the image ------------------------------------------------------------------------
 step "image config: user, entrypoint, env, labels"
@@ -140,10 +173,44 @@ docker run --rm "${ro[@]}" "$IMAGE" --version
 docker run --rm "${ro[@]}" -e JOB_SPEC="$(cat examples/smoke.yaml)" "$IMAGE" validate >/dev/null
 echo "help, version and validate: ok"
 
+if [ "$VARIANT" = cuda ]; then
+  step "CUDA stack inside the image, without a GPU (tests/image/check-cuda-image.py)"
+  docker run --rm "${ro[@]}" --entrypoint python \
+    -v "$repo/tests/image/check-cuda-image.py:/checks/check-cuda-image.py:ro" \
+    -v "$repo/pyproject.toml:/checks/pyproject.toml:ro" -v "$repo/docker/constraints-cuda.txt:/checks/constraints.txt:ro" \
+    "$IMAGE" /checks/check-cuda-image.py /checks/pyproject.toml /checks/constraints.txt \
+    || fail "CUDA image checks"
+
+  step "lock file: the image's package set -> docker/lock-cuda.txt"
+  { echo "# Generated by tests/image/run-image-smoke.sh (make test-image-cuda): pip freeze --all in $IMAGE."
+    echo "# docs/image.md says how the GPU machine's bundle takes it. Do not edit by hand."
+    docker run --rm --entrypoint python "$IMAGE" -c 'import sys, torch; print(f"# Python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda})")'
+    docker run --rm --entrypoint pip "$IMAGE" freeze --all --exclude job; } > "$logs-lock.txt"
+  mv "$logs-lock.txt" docker/lock-cuda.txt
+  echo "docker/lock-cuda.txt: $(grep -vc '^#' docker/lock-cuda.txt) packages"
+
+  step "no silent CPU fallback: a GPU-less start with backend auto exits 3 and names the GPU"
+  set +e
+  "${lock[@]}" timeout 180 docker run --rm --name "$name-nogpu" "${ro[@]}" -e JOB_SPEC="$(cat examples/smoke.yaml)" \
+    -e JOB__TRAINING__BACKEND=auto -e JOB__TRAINING__MAX_STEPS=1 -e JOB__RUN__OUTPUT=/scratch/runs -e JOB__RUN__ID=image-nogpu \
+    -e HF_HUB_OFFLINE=1 \
+    "$IMAGE" > "$logs-nogpu.log" 2>&1
+  rc=$?
+  set -e
+  docker rm -f "$name-nogpu" >/dev/null 2>&1 || true
+  tail -3 "$logs-nogpu.log"
+  if [ "$rc" = 3 ] && grep -qi 'gpu' "$logs-nogpu.log"; then
+    echo "exit 3 with a message naming the GPU: ok"
+  else
+    msg="a GPU-less start of the CUDA image with backend auto exited $rc (want 3 and a message naming the GPU; log: $logs-nogpu.log)"
+    [ "${IMAGE_TEST_NO_GPU:-strict}" = warn ] && echo "WARNING: $msg" >&2 || fail "$msg"
+  fi
+fi
+
 # --- local S3 ----------------------------------------------------------------------------------------
 step "local S3 (moto) on 127.0.0.1"
 port=$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >/tmp/job-image-moto.log 2>&1 &
+"$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$logs-moto.log" 2>&1 &
 moto_pid=$!
 cleanup() {
   docker rm -f "$name" "$name-term" >/dev/null 2>&1 || true
@@ -170,18 +237,20 @@ EOF
 
 s3_env=(-e JOB_SPEC_URI="s3://$bucket/specs/smoke.yaml" -e JOB__RUN__OUTPUT="s3://$bucket/runs"
         -e AWS_ENDPOINT_URL_S3 -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY -e AWS_DEFAULT_REGION -e HF_HUB_OFFLINE=1)
+# The CUDA image trains the smoke job on the CPU only when told so: no device, and the hf backend.
+[ "$VARIANT" = cpu ] || s3_env+=(-e CUDA_VISIBLE_DEVICES= -e JOB__TRAINING__BACKEND=hf)
 
 # --- the smoke job in the container --------------------------------------------------------------------
 step "smoke job in the container (env only, --read-only, uid 10001, volumes /cache /scratch, tmpfs /tmp)"
 run_start=$(date +%s)
 set +e
-docker run --name "$name" --network host "${ro[@]}" "${s3_env[@]}" -e JOB__RUN__ID="$run_id" "$IMAGE" \
-  > /tmp/job-image-smoke.log 2>&1
+"${lock[@]}" docker run --name "$name" --network host "${ro[@]}" "${s3_env[@]}" -e JOB__RUN__ID="$run_id" "$IMAGE" \
+  > "$logs-smoke.log" 2>&1
 rc=$?
 set -e
-echo "container exited $rc after $(( $(date +%s) - run_start )) s (log: /tmp/job-image-smoke.log)"
-[ "$rc" = 0 ] || { tail -40 /tmp/job-image-smoke.log >&2; fail "smoke job in the container exited $rc"; }
-tail -5 /tmp/job-image-smoke.log
+echo "container exited $rc after $(( $(date +%s) - run_start )) s (log: $logs-smoke.log)"
+[ "$rc" = 0 ] || { tail -40 "$logs-smoke.log" >&2; fail "smoke job in the container exited $rc"; }
+tail -5 "$logs-smoke.log"
 
 step "verify the published run from outside the container"
 "$venv/bin/python" - "$bucket" "runs/$run_id" <<'EOF'
@@ -219,4 +288,4 @@ if [ "$term_rc" = 137 ]; then
   [ "${IMAGE_TEST_SIGTERM:-strict}" = warn ] && echo "WARNING: $msg" >&2 || fail "$msg"
 fi
 
-step "done in $(( $(date +%s) - t0 )) s: image $IMAGE ($(( size / 1000000 )) MB) published a verified run to local S3"
+step "done in $(( $(date +%s) - t0 )) s: image $IMAGE ($VARIANT, $(( size / 1000000 )) MB) published a verified run to local S3"
