@@ -67,9 +67,9 @@ variable "accelerator_count" {
 }
 
 variable "gpu_driver_version" {
-  description = "Driver GKE installs: DEFAULT or LATEST (INSTALLATION_DISABLED leaves it to you)."
+  description = "Driver GKE installs: LATEST (job's CUDA image needs driver 580 or newer, which DEFAULT is not on many GKE versions), DEFAULT, or INSTALLATION_DISABLED (yours to install)."
   type        = string
-  default     = "DEFAULT"
+  default     = "LATEST"
   nullable    = false
 
   validation {
