@@ -5,7 +5,6 @@ the store and sends only the rest. Until the manifest is written, nothing under 
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
@@ -30,6 +29,9 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+HASHING_THREADS = 4
+
+
 def inventory(staging: Path, known: dict[str, str] | None = None) -> list[dict]:
     """Every staged file with its size and sha256; `known` holds digests already computed (by EarlyUploads). The rest
     are hashed several at once: hashlib works outside the GIL, and the merged shards and GGUFs are many GB each."""
@@ -39,9 +41,6 @@ def inventory(staging: Path, known: dict[str, str] | None = None) -> list[dict]:
         digests = list(pool.map(lambda p: known.get(p.relative_to(staging).as_posix()) or sha256_file(p), paths))
     return [{"path": p.relative_to(staging).as_posix(), "bytes": p.stat().st_size, "sha256": digest}
             for p, digest in zip(paths, digests)]
-
-
-HASHING_THREADS = 4
 
 
 def retire_manifest(store: LocalStorage | S3Storage, run_id: str) -> None:
@@ -63,9 +62,7 @@ class EarlyUploads:
         retire_manifest(store, run_id)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="early-upload")
         self._sent: list[Future] = []
-        self._keys: list[str] = []
-        self._lock = threading.Lock()
-        self.digests: dict[str, str] = {}
+        self.digests: dict[str, str] = {}  # written by the one upload thread, read once it has stopped
 
     def send(self, path: Path) -> None:
         """Upload a staged file, or every file of a staged folder, in the background."""
@@ -74,11 +71,8 @@ class EarlyUploads:
 
     def _upload(self, rel: str) -> None:
         started = time.monotonic()
-        digest = sha256_file(self.staging / rel)
-        with self._lock:
-            self.digests[rel] = digest
-            self._keys.append(f"{self.run_id}/{rel}")
-        self.store.upload_file(self.staging / rel, f"{self.run_id}/{rel}", digest)
+        self.digests[rel] = sha256_file(self.staging / rel)
+        self.store.upload_file(self.staging / rel, f"{self.run_id}/{rel}", self.digests[rel])
         log.get().info("publish.early_upload", path=rel, bytes=(self.staging / rel).stat().st_size,
                        seconds=round(time.monotonic() - started, 2))
 
@@ -94,7 +88,8 @@ class EarlyUploads:
         for future in self._sent:
             future.cancel()
         self._pool.shutdown(wait=True)
-        for key in list(self._keys):
+        for rel in self.digests:
+            key = f"{self.run_id}/{rel}"
             try:
                 self.store.delete(key)
             except Exception:  # noqa: BLE001 - the run's own failure is the one to report
@@ -118,12 +113,11 @@ def publish(staging: Path, store: LocalStorage | S3Storage, run_id: str, body: M
     sent = skipped = done = 0
     started = time.monotonic()
     for entry in files:
-        if entry["path"] in sent_early:  # checked with the rest below
-            pass
-        elif store.upload_file(staging / entry["path"], f"{run_id}/{entry['path']}", entry["sha256"]):
-            sent += 1
-        else:
-            skipped += 1
+        if entry["path"] not in sent_early:  # those are checked with the rest below
+            if store.upload_file(staging / entry["path"], f"{run_id}/{entry['path']}", entry["sha256"]):
+                sent += 1
+            else:
+                skipped += 1
         done += entry["bytes"]
         events.info("publish.progress", path=entry["path"], bytes_done=done, bytes_total=total)
     # Checked again once all are up: the manifest vouches for what the store holds now, not for what it once accepted.
@@ -152,7 +146,8 @@ def publish(staging: Path, store: LocalStorage | S3Storage, run_id: str, body: M
         store.delete(manifest_key + ".superseded")
     except JobError:
         events.warning("publish.superseded_not_removed", key=f"{store.uri}/{manifest_key}.superseded")
-    events.info("publish.finished", destination=f"{store.uri}/{run_id}", uploaded=sent, uploaded_early=len(sent_early), unchanged=skipped,
+    events.info("publish.finished", destination=f"{store.uri}/{run_id}", uploaded=sent,
+                uploaded_early=len(sent_early), unchanged=skipped,
                 seconds=round(time.monotonic() - started, 2))
     return manifest
 

@@ -464,8 +464,8 @@ def check_sendable(base: dict[str, Any] | None, origin: str, experiments: list[l
             if base is None:
                 check_override(dotted, raw, where)
         spec = resolve(base, origin, overrides) if base is not None else None
-        output, where = next(((_parse_value(raw), where) for dotted, raw, where in reversed(overrides)
-                              if dotted.strip() == "run.output"), (spec.run.output if spec else "s3://", origin))
+        given = [(_parse_value(raw), where) for dotted, raw, where in overrides if dotted.strip() == "run.output"]
+        output, where = given[-1] if given else ("s3://", origin)
         if spec is not None:
             output = spec.run.output
         if not str(output).startswith("s3://"):

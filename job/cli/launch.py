@@ -60,13 +60,12 @@ def _job_env(spec_uri, sets, env_pairs, pass_env) -> dict[str, str]:
     return launch_lib.job_env(spec_uri, overrides=overrides, extra=env_pairs_from(env_pairs, pass_env, dict(os.environ)))
 
 
-def _disk_gb(spec_uri: str, sets, given: int | None, size, default: int) -> int:
-    """--disk-gb as given; else `size(disk)` from the spec's predicted peak when the spec can be read here, else
-    `default`. The spec is validated either way (check_sendable)."""
-    resolved = check_sendable(spec_uri, None, sets)
+def _disk_gb(resolved: list, given: int | None, size, default: int | None) -> int | None:
+    """--disk-gb as given; else `size(disk)` from the spec's predicted peak when the spec was read here, else
+    `default`."""
     if given is not None:
         return given
-    disk = largest_disk(resolved, default=f"{default} GB")
+    disk = largest_disk(resolved, default=f"{default} GB" if default else "the provider's default")
     return size(disk) if disk is not None else default
 
 
@@ -90,7 +89,8 @@ def runpod(spec_uri, image, name, sets, env_pairs, pass_env, gpus, gpu_count, di
     """Create a RunPod pod that runs SPEC (an s3:// or https:// URI); prints the pod id. Key: $RUNPOD_API_KEY."""
     key = _api_key("RUNPOD_API_KEY")
     with exits():
-        disk_gb = _disk_gb(spec_uri, sets, disk_gb, launch_lib.runpod_disk_gb, launch_lib.RUNPOD_DEFAULT_DISK_GB)
+        resolved = check_sendable(spec_uri, None, sets)
+        disk_gb = _disk_gb(resolved, disk_gb, launch_lib.runpod_disk_gb, launch_lib.RUNPOD_DEFAULT_DISK_GB)
         body = launch_lib.runpod_request(
             name=name or _default_name(spec_uri), image=image, gpu_type_ids=list(gpus),
             env=_job_env(spec_uri, sets, env_pairs, pass_env), gpu_count=gpu_count,
@@ -146,7 +146,8 @@ def skypilot(spec_uri, image, name, sets, env_pairs, pass_env, accelerators, nod
             raise click.BadParameter(f"{secret!r} is not an environment variable name", param_hint="--pass-env")
     with exits():
         refuse_secret_values(env_pairs_from(env_pairs, (), dict(os.environ)), "--env")
-        disk_gb = _disk_gb(spec_uri, sets, disk_gb, launch_lib.skypilot_disk_gb, None)
+        resolved = check_sendable(spec_uri, None, sets)
+        disk_gb = _disk_gb(resolved, disk_gb, launch_lib.skypilot_disk_gb, None)
         task = launch_lib.skypilot_task(
             name=name or _default_name(spec_uri), image=image, accelerators=list(accelerators),
             env=_job_env(spec_uri, sets, env_pairs, ()), secrets=list(pass_env), nodes=nodes,
