@@ -124,6 +124,30 @@ def bare_tools(clock: Clock, base: Path, adapter_dir: Path, work: Path, tools) -
     shutil.rmtree(work)  # the disk and page cache as job's steps will find them
 
 
+def overlapped_export(clock: Clock, args, base: Path, adapter_dir: Path, staging: Path, tokenizer, template, tools,
+                      data_source: str, evaluation, references: list):
+    """job's export stage as `job run` calls it, with the base's GGUF converted first (a run converts it while the
+    adapter trains, so it is timed apart): llama-export-lora and the quants on the CPU while the merge runs."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from job import export, pipeline
+    from job.spec import Spec
+
+    spec = Spec.model_validate({"model": {"name": str(base)}, "data": {"source": data_source},
+                                "export": {"gguf": ["q4_k_m", "q8_0"], "probes": PROBES},
+                                "run": {"id": "bench", "output": str(args.work / "runs")}})
+    env = pipeline._Environment(torch, "hf", None, None, args.work / "run", staging)
+    base_gguf = export.BaseGguf(tools, base, tokenizer, args.cache or args.work / "cache", env.work)
+    clock.step("base_gguf_convert_during_training", lambda: base_gguf.start().wait())
+    exported, refs = clock.step("export_from_base_gguf", lambda: pipeline._export(
+        spec, env, SimpleNamespace(path=base), adapter_dir, tokenizer, template, tools, base_gguf, evaluation,
+        send=lambda path: None))
+    references[:] = refs
+    return exported.merged_dir, exported.gguf
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", type=Path, required=True)
@@ -132,6 +156,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--bare", action="store_true", help="also time the bare tools, one after another, first")
     parser.add_argument("--skip-gates-only", action="store_true")
+    parser.add_argument("--route", choices=("merged", "base", "both"), default="both",
+                        help="how job's export makes the GGUFs: from the merged weights (the converter after the merge), "
+                             "from the base's cached GGUF (llama-export-lora while the merge runs), or both, one after "
+                             "the other (verify checks the last)")
+    parser.add_argument("--cache", type=Path, help="where the base's GGUF is cached (default: WORK/cache)")
     args = parser.parse_args()
 
     import torch
@@ -151,7 +180,7 @@ def main() -> None:
     tokenizer = load_tokenizer(base)
     section = DataSection(source=str(Path(__file__).resolve().parent.parent / "examples/data/alpaca-en.jsonl"),
                           format="alpaca")
-    rows, _, _ = data.prepare(section, tokenizer, 2048, args.work / "data", S3Settings())
+    rows, _, template = data.prepare(section, tokenizer, 2048, args.work / "data", S3Settings())
 
     texts = verify.preflight_texts(tokenizer, PROBES, rows)
     vocab = clock.step("preflight", lambda: verify.preflight(tools, base, tokenizer, texts, args.work / "preflight"),
@@ -174,11 +203,22 @@ def main() -> None:
 
     if args.bare:
         bare_tools(clock, base, adapter_dir, args.work / "bare", tools)
-    merged_dir, _ = clock.step("export_merge", lambda: export.merge(base, adapter_dir, staging, ModelSection(name=str(base)),
-                                                                     before_merge=before_merge))
-    torch.cuda.empty_cache()
-    gguf = clock.step("export_gguf", lambda: export.to_gguf(tools, merged_dir, staging, ["q4_k_m", "q8_0"], stem="bench"),
-                      threads=llamacpp.cpu_threads())
+    import shutil
+
+    if args.route in ("merged", "both"):
+        merged_dir, _ = clock.step("export_merge", lambda: export.merge(base, adapter_dir, staging,
+                                                                         ModelSection(name=str(base)),
+                                                                         before_merge=before_merge))
+        torch.cuda.empty_cache()
+        gguf = clock.step("export_gguf", lambda: export.to_gguf(tools, merged_dir, staging, ["q4_k_m", "q8_0"],
+                                                                stem="bench"), threads=llamacpp.cpu_threads())
+    if args.route in ("base", "both"):
+        if args.route == "both":  # the GPU host's 64 GiB disk holds one route's files at a time
+            shutil.rmtree(staging / "gguf")
+            shutil.rmtree(staging / "merged")
+            references.clear()
+        merged_dir, gguf = overlapped_export(clock, args, base, adapter_dir, staging, tokenizer, template, tools,
+                                             section.source, evaluation, references)
     result = clock.step("verify_stage", lambda: verify.verify_artifacts(
         evaluation, references[0], base, adapter_dir, merged_dir, gguf, tools, tokenizer, args.work / "verify", False,
         report))

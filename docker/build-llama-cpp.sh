@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the pinned llama.cpp tools once into DEST: the converter (convert_hf_to_gguf.py + gguf-py),
-# llama-quantize, llama-completion, llama-perplexity (its KL-divergence mode gates the GGUFs) and llama-tokenize
-# (the tokenizer pre-flight). The source is the llama.cpp vendored by the llama-cpp-python
+# llama-quantize, llama-completion, llama-perplexity (its KL-divergence mode gates the GGUFs), llama-tokenize
+# (the tokenizer pre-flight), and the LoRA converter (convert_lora_to_gguf.py) with llama-export-lora, which merge an
+# adapter into a base model's cached GGUF. The source is the llama.cpp vendored by the llama-cpp-python
 # sdist on PyPI, so a machine that reaches only a package registry gets the same pinned tree.
 # Usage: build-llama-cpp.sh DEST [extra cmake args...]
 # Always a portable build (GGML_NATIVE=OFF: AVX2, no AVX-512 or AMX): the native build of this commit segfaults in
@@ -14,7 +15,8 @@ commit=0c1e57098bba43ac29e6e3b677cdceebdd22334f
 dest=${1:?usage: build-llama-cpp.sh DEST [cmake args...]}; shift
 flags="-DGGML_NATIVE=OFF $*"
 if [ -x "$dest/bin/llama-quantize" ] && [ -x "$dest/bin/llama-completion" ] && [ -x "$dest/bin/llama-perplexity" ] \
-   && [ -x "$dest/bin/llama-tokenize" ] && [ -f "$dest/COMMIT" ] && [ -d "$dest/conversion" ] \
+   && [ -x "$dest/bin/llama-tokenize" ] && [ -x "$dest/bin/llama-export-lora" ] && [ -f "$dest/convert_lora_to_gguf.py" ] \
+   && [ -f "$dest/COMMIT" ] && [ -d "$dest/conversion" ] \
    && [ "$(cat "$dest/BUILD" 2>/dev/null)" = "$flags" ]; then
   echo "llama.cpp tools already built in $dest"; exit 0
 fi
@@ -29,11 +31,11 @@ cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
   -DGGML_NATIVE=OFF "$@" >/dev/null
 # compiler warnings are many and harmless: keep them in a log and show its tail only on failure
-cmake --build "$work/build" --target llama-quantize llama-completion llama-perplexity llama-tokenize -j "$(nproc)" >"$work/build.log" 2>&1 \
+cmake --build "$work/build" --target llama-quantize llama-completion llama-perplexity llama-tokenize llama-export-lora -j "$(nproc)" >"$work/build.log" 2>&1 \
   || { tail -50 "$work/build.log" >&2; exit 1; }
 rm -rf "$dest.partial"; mkdir -p "$dest.partial/bin"
-for tool in llama-quantize llama-completion llama-perplexity llama-tokenize; do cp "$work/build/bin/$tool" "$dest.partial/bin/"; done
-cp "$src/convert_hf_to_gguf.py" "$dest.partial/"
+for tool in llama-quantize llama-completion llama-perplexity llama-tokenize llama-export-lora; do cp "$work/build/bin/$tool" "$dest.partial/bin/"; done
+cp "$src/convert_hf_to_gguf.py" "$src/convert_lora_to_gguf.py" "$dest.partial/"
 cp -r "$src/conversion" "$dest.partial/conversion"
 cp -r "$src/gguf-py" "$dest.partial/gguf-py"
 cp "$src/LICENSE" "$dest.partial/LICENSE"

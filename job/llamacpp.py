@@ -1,5 +1,5 @@
 """The pinned llama.cpp tools, built ahead of time: the converter, llama-quantize, llama-completion, llama-perplexity
-(its KL-divergence mode) and llama-tokenize.
+(its KL-divergence mode), llama-tokenize, and the LoRA converter with llama-export-lora.
 
 The image builds them at image build time (docker/Dockerfile); developer and CI machines build them once
 into a cache with docker/build-llama-cpp.sh. Nothing is cloned or compiled while a job runs.
@@ -53,10 +53,19 @@ class Tools:
     def tokenizer(self) -> Path:
         return self.home / "bin" / "llama-tokenize"
 
+    @property
+    def lora_converter(self) -> Path:
+        return self.home / "convert_lora_to_gguf.py"
+
+    @property
+    def export_lora(self) -> Path:
+        return self.home / "bin" / "llama-export-lora"
+
 
 def locate(home: Path) -> Tools:
     tools = Tools(home, "")
-    missing = [p for p in (tools.converter, tools.quantize, tools.completion, tools.perplexity, tools.tokenizer) if not p.exists()]
+    missing = [p for p in (tools.converter, tools.quantize, tools.completion, tools.perplexity, tools.tokenizer,
+                           tools.lora_converter, tools.export_lora) if not p.exists()]
     if missing:
         raise ToolMissingError(
             f"llama.cpp tools not found in {home} (missing {', '.join(p.name for p in missing)})",
@@ -95,11 +104,12 @@ def cpu_threads(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return count
 
 
-def run_tool(cmd: list[str], what: str, env: dict | None = None, timeout: int = 3 * 3600) -> subprocess.CompletedProcess:
+def run_tool(cmd: list[str], what: str, env: dict | None = None, timeout: int = 3 * 3600,
+             cwd: Path | None = None) -> subprocess.CompletedProcess:
     started = time.monotonic()
     try:
         # llama-completion prints each token's raw bytes: text cut at the token limit may end inside a character.
-        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired as exc:
         raise VerificationError(f"{what} did not finish within {timeout} s") from exc
     log.get().debug("llamacpp.tool.finished", tool=what, seconds=round(time.monotonic() - started, 2),
@@ -127,6 +137,20 @@ def convert(tools: Tools, checkpoint: Path, out_file: Path, outtype: str = "bf16
     env = dict(os.environ, PYTHONPATH=str(tools.home / "gguf-py"), NO_LOCAL_GGUF="")
     run_tool([sys.executable, str(tools.converter), str(checkpoint), "--outfile", str(out_file), "--outtype", outtype,
           *(["--vocab-only"] if vocab_only else [])], "convert_hf_to_gguf.py", env=env)
+
+
+def convert_lora(tools: Tools, adapter_dir: Path, base_dir: Path, out_file: Path) -> None:
+    """A PEFT LoRA adapter as a GGUF adapter; `base_dir` gives the base's config.json (no weights are read)."""
+    env = dict(os.environ, PYTHONPATH=str(tools.home / "gguf-py"), NO_LOCAL_GGUF="")
+    run_tool([sys.executable, str(tools.lora_converter), str(adapter_dir), "--base", str(base_dir), "--outfile",
+              str(out_file), "--outtype", "f32"], "convert_lora_to_gguf.py", env=env)
+
+
+def export_lora(tools: Tools, base: Path, lora: Path, out_file: Path, threads: int, scale: float = 1.0) -> None:
+    """`lora` merged into `base` with llama.cpp's alpha / r times `scale`; run beside the adapter, which is named
+    relative to it (--lora-scaled splits its value at ':' and ',')."""
+    run_tool([str(tools.export_lora), "-m", str(base.resolve()), "--lora-scaled", f"{lora.name}:{scale!r}",
+              "-o", str(out_file.resolve()), "-t", str(threads)], "llama-export-lora", cwd=lora.parent)
 
 
 def quantize(tools: Tools, source: Path, target: Path, qtype: str, threads: int) -> None:

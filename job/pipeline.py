@@ -9,6 +9,7 @@ import contextlib
 import gc
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,11 +95,12 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
             spec.data, tokenizer, spec.training.max_seq_length, env.work, s3, seed=spec.training.seed)
         held_out = eval_dataset if eval_dataset is not None else dataset
 
-    vocab = None
+    vocab = base_gguf = None
     if tools and process.is_main:
         with stage("preflight", timings, current):
             texts = verify.preflight_texts(tokenizer, spec.export.probes, held_out)
             vocab = verify.preflight(tools, fetched.path, tokenizer, texts, env.work / "preflight")
+        base_gguf = _start_base_gguf(spec, tools, fetched.path, tokenizer, paths.cache_dir, env.work)
 
     with stage("train", timings, current):
         peft_model, result, info = _train(spec, env, store, fetched, tokenizer, dataset, eval_dataset, resume,
@@ -119,8 +121,8 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
         with stage("export", timings, current):
             adapter_dir = export.save_adapter(peft_model, tokenizer, env.staging)
             del peft_model  # the training model's memory is freed before the merge loads the 16-bit base
-            exported, references = _export(spec, env, fetched, adapter_dir, tokenizer, template, tools, evaluation,
-                                           early.send)
+            exported, references = _export(spec, env, fetched, adapter_dir, tokenizer, template, tools, base_gguf,
+                                           evaluation, early.send)
 
         with stage("verify", timings, current):
             verification = verify.Verification(evaluation)
@@ -146,6 +148,7 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
                       "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
                       "peak_gpu_memory_gib": result.peak_gpu_memory_gib},
             export={"merge_method": exported.merge_method, "gguf_types": list(exported.gguf),
+                    "gguf_method": exported.gguf_method,
                     "llama_cpp": {"commit": tools.commit, "source": llamacpp.SOURCE} if tools else None},
             verification=verification.as_dict(),
             probes=report.as_dict(),
@@ -233,29 +236,61 @@ def _train(spec: Spec, env: _Environment, store, fetched, tokenizer, dataset, ev
     return peft_model, result, info
 
 
-def _export(spec: Spec, env: _Environment, fetched, adapter_dir: Path, tokenizer, template, tools, evaluation,
-            send: Callable[[Path], None]):
+def _start_base_gguf(spec: Spec, tools, base_path: Path, tokenizer, cache_dir: Path,
+                     work: Path) -> export.BaseGguf | None:
+    """The base's GGUF, converted while the adapter trains, where the GGUFs can be made from it."""
+    if refusal := export.base_gguf_refusal(spec.lora, spec.export):
+        log.get().info("export.base_gguf.skipped", reason=refusal)
+        return None
+    return export.BaseGguf(tools, base_path, tokenizer, cache_dir, work).start()
+
+
+def _export(spec: Spec, env: _Environment, fetched, adapter_dir: Path, tokenizer, template, tools,
+            base_gguf: export.BaseGguf | None, evaluation, send: Callable[[Path], None]):
     """The merged 16-bit weights and the GGUFs in the staging folder beside the adapter, each handed to `send` once
     made, and the reference distributions verify scores them against: computed on the adapter over the 16-bit base
-    while the merge has it loaded."""
+    while the merge has it loaded.
+
+    With the base's GGUF at hand, llama.cpp merges the adapter into it and quantizes on the CPU while the merge into
+    the 16-bit weights runs on the GPU; else the merged weights are converted once they are saved."""
     exported = export.Exported(adapter_dir=adapter_dir)
     gc.collect()
     if env.torch.cuda.is_available():
         env.torch.cuda.empty_cache()
     references = []
-    if spec.export.merged:
-        exported.merged_dir, exported.merge_method = export.merge(
-            fetched.path, exported.adapter_dir, env.staging, spec.model,
-            before_merge=lambda unmerged: references.append(verify.references(unmerged, evaluation)))
-        send(exported.merged_dir)
+    base_gguf_path = base_gguf.wait() if base_gguf else None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf") as gguf_thread:
+        gguf_made = None
+        if tools and base_gguf_path:
+            exported.gguf_method = "the adapter merged into the base's bf16 GGUF by llama-export-lora"
+            gguf_made = gguf_thread.submit(_gguf_from_base, spec, env, tools, base_gguf_path, base_gguf.source,
+                                           adapter_dir, send, structlog.contextvars.get_contextvars())
+        if spec.export.merged:
+            exported.merged_dir, exported.merge_method = export.merge(
+                fetched.path, exported.adapter_dir, env.staging, spec.model,
+                before_merge=lambda unmerged: references.append(verify.references(unmerged, evaluation)))
+            send(exported.merged_dir)
+        if gguf_made is not None:
+            exported.gguf = gguf_made.result()
+        elif tools:
+            exported.gguf_method = "the merged weights converted by llama.cpp's converter"
+            exported.gguf = export.to_gguf(tools, exported.merged_dir, env.staging, spec.export.gguf, spec.run_id,
+                                           on_made=send)
     if tools:
-        exported.gguf = export.to_gguf(tools, exported.merged_dir, env.staging, spec.export.gguf, stem=spec.run_id,
-                                       on_made=send)
         family = card.template_family(tokenizer.chat_template, template)
         first = exported.gguf[spec.export.gguf[0]].name
         system = card.default_system(tokenizer, family)
         (env.staging / "gguf" / "Modelfile").write_text(card.modelfile(first, family, system))
     return exported, references
+
+
+def _gguf_from_base(spec: Spec, env: _Environment, tools, base_gguf: Path, base_dir: Path, adapter_dir: Path,
+                    send: Callable[[Path], None], context: dict) -> dict[str, Path]:
+    with structlog.contextvars.bound_contextvars(**context):  # this thread's events name the stage too
+        intermediate = env.staging / "gguf" / f"{spec.run_id}-f16.gguf"
+        intermediate.parent.mkdir(parents=True, exist_ok=True)
+        export.gguf_from_base(tools, base_gguf, base_dir, adapter_dir, intermediate)
+        return export.quantize_all(tools, intermediate, spec.export.gguf, spec.run_id, on_made=send)
 
 
 def _publish(spec: Spec, staging: Path, store, body: rundir.Manifest, metrics_path: Path,

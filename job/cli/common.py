@@ -107,7 +107,7 @@ def largest_disk(resolved: list[specs.Spec | None], default: str = "k8s/base/job
         click.echo(f"note: no disk prediction ({why_not}): the disk keeps {default}", err=True)
         return None
     disk, source = max(predictions, key=lambda p: p[0].total)
-    click.echo(f"note: disk sized for a predicted peak of {disk.total:.1f} GiB (model cache {disk.model_cache:.1f}, "
+    click.echo(f"note: disk sized for a predicted peak of {disk.total:.1f} GiB (model cache {disk.cache:.1f}, "
                f"scratch {disk.scratch:.1f}; model from {source})", err=True)
     return disk
 

@@ -246,7 +246,7 @@ def size_storage(job: dict, disk: Disk) -> dict:
     """The Job with its cache and scratch volumes sized from the run's predicted peak disk (job.plan.estimate) and its
     ephemeral-storage request the sum of its disk-backed volumes, so a node without the room is never picked."""
     job = json.loads(json.dumps(job))
-    limits = {"cache": math.ceil(disk.model_cache * CACHE_HEADROOM[0] + CACHE_HEADROOM[1]),
+    limits = {"cache": math.ceil(disk.cache * CACHE_HEADROOM[0] + CACHE_HEADROOM[1]),
               "scratch": math.ceil(disk.scratch * SCRATCH_HEADROOM[0] + SCRATCH_HEADROOM[1])}
     on_disk = 0
     for volume in job["spec"]["template"]["spec"]["volumes"]:

@@ -426,30 +426,37 @@ def gguf_bytes(arch: Arch, gguf_type: str) -> float:
 
 @dataclass(frozen=True)
 class Disk:
-    """Peak scratch disk of a run in GiB: reached while the last GGUF quantizes, when the model cache, the merged
-    weights, the bf16 GGUF every quant is made from and the finished quants are all on disk at once."""
+    """Peak disk of a run in GiB: reached while the last GGUF quantizes, when the model cache, the merged weights, the
+    16-bit GGUF every quant is made from and the finished quants are all on disk at once."""
 
     model_cache: float  # the 16-bit base as downloaded
     merged: float
-    gguf_intermediate: float  # bf16, deleted after the last quant unless bf16 is published
+    gguf_intermediate: float  # 16-bit, deleted after the last quant unless bf16 is published
     gguf: float  # the published GGUF files
+    base_gguf: float = 0.0  # the base's own bf16 GGUF, kept in the model cache (export.base_gguf_refusal)
+
+    @property
+    def cache(self) -> float:
+        """What the model cache (JOB_CACHE_DIR) needs."""
+        return self.model_cache + self.base_gguf
 
     @property
     def scratch(self) -> float:
-        """What the run's working folder (JOB_WORK_DIR) needs beyond the model cache."""
+        """What the run's working folder (JOB_WORK_DIR) needs."""
         return self.merged + self.gguf_intermediate + self.gguf
 
     @property
     def total(self) -> float:
-        return self.model_cache + self.scratch
+        return self.cache + self.scratch
 
     def as_dict(self) -> dict[str, float]:
         out = {k: round(v, 2) for k, v in asdict(self).items()}
-        out.update(scratch=round(self.scratch, 2), total=round(self.total, 2))
+        out.update(cache=round(self.cache, 2), scratch=round(self.scratch, 2), total=round(self.total, 2))
         return out
 
 
-def estimate_disk(arch: Arch, *, merged: bool, gguf_types: list[str] | tuple[str, ...]) -> Disk:
+def estimate_disk(arch: Arch, *, merged: bool, gguf_types: list[str] | tuple[str, ...], base_gguf: bool = False) -> Disk:
+    """`base_gguf`: the GGUFs are made from the base's cached GGUF with the adapter merged in by llama.cpp."""
     sixteen_bit = arch.total_params * 2 / GIB
     published = [t for t in gguf_types if t != "bf16"]
     return Disk(
@@ -457,6 +464,7 @@ def estimate_disk(arch: Arch, *, merged: bool, gguf_types: list[str] | tuple[str
         merged=sixteen_bit if merged else 0.0,
         gguf_intermediate=sixteen_bit if gguf_types else 0.0,
         gguf=sum(gguf_bytes(arch, t) for t in published) / GIB,
+        base_gguf=sixteen_bit if base_gguf and gguf_types else 0.0,
     )
 
 

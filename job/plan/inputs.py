@@ -11,6 +11,7 @@ from typing import Any
 
 from job import errors
 from job.errors import NotFoundError, network_reason
+from job.export import base_gguf_refusal
 from job.plan.estimate import Arch, Disk, arch_from_config, arch_from_table, estimate_disk, normalize_model_id
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ def disk_at_hand(spec) -> tuple[Disk, str] | str:
         resolved = resolve_arch(spec.model, hub_offline=True)
     except NotFoundError as exc:
         return str(exc)
-    return estimate_disk(resolved.arch, merged=spec.export.merged, gguf_types=spec.export.gguf), resolved.source
+    return estimate_disk(resolved.arch, merged=spec.export.merged, gguf_types=spec.export.gguf,
+                          base_gguf=base_gguf_refusal(spec.lora, spec.export) is None), resolved.source
 
 
 def _hub_config_unavailable(model, endpoint: str, offline: bool) -> dict[str, Any] | str:

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from job.errors import SpecError
+from job.export import base_gguf_refusal
 from job.plan.estimate import (Arch, Choice, Gpu, choose_for_spec, estimate_disk, estimate_throughput,
                                expected_batch_length, gpu, gpus, micro_batches, shipped_table, spec_backend)
 from job.plan.inputs import DataTokens
@@ -135,7 +136,8 @@ def as_dict(spec, resolved, tokens: DataTokens, results: list[KindPlan], best: K
                   "parameters": resolved.arch.total_params},
         "data": {"rows": tokens.rows, "tokens": tokens.tokens, "longest": tokens.longest, "method": tokens.method},
         "backend": spec_backend(spec),
-        "disk_gib": estimate_disk(resolved.arch, merged=spec.export.merged, gguf_types=spec.export.gguf).as_dict(),
+        "disk_gib": estimate_disk(resolved.arch, merged=spec.export.merged, gguf_types=spec.export.gguf,
+                          base_gguf=base_gguf_refusal(spec.lora, spec.export) is None).as_dict(),
         "headroom": headroom,
         "prices": {"file": prices_file, "date": prices.get("date")},
         "kinds": [r.as_dict() for r in results],
@@ -146,7 +148,8 @@ def as_dict(spec, resolved, tokens: DataTokens, results: list[KindPlan], best: K
 
 def _disk_line(disk: dict[str, float]) -> str:
     parts = [f"model cache {disk['model_cache']:.1f}"]
-    parts += [f"{name} {disk[key]:.1f}" for key, name in (("merged", "merged"), ("gguf_intermediate", "bf16 GGUF"),
+    parts += [f"{name} {disk[key]:.1f}" for key, name in (("base_gguf", "base GGUF"), ("merged", "merged"),
+                                                           ("gguf_intermediate", "16-bit GGUF"),
                                                            ("gguf", "GGUF files")) if disk[key]]
     return f"disk     peak {disk['total']:.1f} GiB ({' + '.join(parts)}), approximate"
 

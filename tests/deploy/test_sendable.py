@@ -117,13 +117,13 @@ def test_render_sizes_the_volumes_from_the_predicted_disk_and_says_so():
     recipe = str(K8S.parent / "examples" / "finetome-llama31-8b-chatml.yaml")
     result = CliRunner().invoke(main, ["k8s", "render", recipe, "--set", "run.output=s3://bucket/runs"])
     assert result.exit_code == 0, result.output
-    assert "disk sized for a predicted peak of 75.8 GiB" in result.stderr
+    assert "disk sized for a predicted peak of 90.7 GiB" in result.stderr
     sizes, resources = _volumes(result.stdout)
     disk = estimate_disk(arch_from_table("unsloth/Meta-Llama-3.1-8B"), merged=True,
-                         gguf_types=["q4_k_m", "q5_k_m", "q8_0", "q2_k", "q3_k_m", "q6_k"])
+                         gguf_types=["q4_k_m", "q5_k_m", "q8_0", "q2_k", "q3_k_m", "q6_k"], base_gguf=True)
     gib = {name: int(size.removesuffix("Gi")) for name, size in sizes.items()}
     assert disk.scratch < gib["scratch"] < disk.scratch * 1.3 + 5  # six quants: above the base's 50Gi
-    assert disk.model_cache < gib["cache"] < disk.model_cache * 1.3 + 2
+    assert disk.cache < gib["cache"] < disk.cache * 1.3 + 2  # the base and its own GGUF
     requested = int(resources["requests"]["ephemeral-storage"].removesuffix("Gi"))
     assert requested == gib["cache"] + gib["scratch"] + gib["tmp"]
     assert int(resources["limits"]["ephemeral-storage"].removesuffix("Gi")) > requested

@@ -143,7 +143,7 @@ def llama_cpp_tools():
     root = os.environ.get("JOB_LLAMA_CPP_DIR", "/opt/llama.cpp")
     version = subprocess.run([f"{root}/bin/llama-completion", "--version"], capture_output=True, text=True)
     assert version.returncode == 0, version.stderr[-500:]
-    for tool in ("llama-quantize", "llama-perplexity", "llama-tokenize"):
+    for tool in ("llama-quantize", "llama-perplexity", "llama-tokenize", "llama-export-lora"):
         res = subprocess.run([f"{root}/bin/{tool}", "--help"], capture_output=True, text=True)
         assert "usage" in (res.stdout + res.stderr).lower(), f"{tool} --help printed no usage"
     conv = subprocess.run([sys.executable, f"{root}/convert_hf_to_gguf.py", "--help"], capture_output=True, text=True)
