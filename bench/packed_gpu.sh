@@ -7,8 +7,9 @@
 #   .gpu-bench/llama3-tokenizer.tgz  shared/gpu/make-llama3-tokenizer.py models/ggml-vocab-llama-bpe.gguf DIR, as a tarball
 #                                    of the folder llama3-tokenizer
 # SITE=.gpu-lock/site.tgz takes the bundle of the CUDA image's versions (bench/gpu_bundle_from_lock.sh) instead.
-# Settings (environment): PRECISION (fp8) BATCH (4) SEQ (2048) STEPS (20, WARMUP 5 of them) LIMIT (150 s a variant; job-packed
+# Settings (environment): PRECISION (fp8) BATCH (4) SEQ (2048) CHECKPOINTING (0) STEPS (20, WARMUP 5 of them) LIMIT (150 s a variant; job-packed
 # gets 20 s more for its data preparation and closing stages) BUDGET (450 s after the rows are made, for the extras)
+# VARIANTS (the main ones, "bare-packed bare-fixed job-packed", each NAME or NAME:VAR=VALUE,...)
 # EXTRA ("bare-fixed:UNSLOTH_BLOCK_COMPILE=0": NAME:VAR=VALUE,... runs NAME with those variables set; the default
 # takes unsloth's per-block compile from fixed rows, as unsloth/models/_block_compile.py does for every packed batch,
 # so the compile's share of the gap shows apart from attention's).
@@ -47,7 +48,7 @@ variant() {  # variant KIND [VAR=VALUE,...]
   # shellcheck disable=SC2086
   timeout -k 10 "$limit" env ${env_list//,/ } python bench/packed_throughput.py run --variant "$kind" --label "$label" \
     --model-dir "$model" --rows "$rows" --precision "${PRECISION:-fp8}" --batch "${BATCH:-4}" --seq "${SEQ:-2048}" \
-    --steps "${STEPS:-20}" --warmup "${WARMUP:-5}" --backend "${BACKEND:-unsloth}" --work "/tmp/packed-work-$name" \
+    --checkpointing "${CHECKPOINTING:-0}" --steps "${STEPS:-20}" --warmup "${WARMUP:-5}" --backend "${BACKEND:-unsloth}" --work "/tmp/packed-work-$name" \
     --profile-table "$out/$name.profile.txt" --profile-deadline $((limit - 35)) --out "$out/packed.jsonl" \
     >"/tmp/$name.log" 2>&1
   code=$?
@@ -64,9 +65,9 @@ PY
   tail -n 1 "$out/packed.jsonl" | cut -c 1-400
 }
 
-variant bare-packed
-variant bare-fixed
-variant job-packed
+for kind in ${VARIANTS:-bare-packed bare-fixed job-packed}; do
+  variant "${kind%%:*}" "$( [[ $kind == *:* ]] && echo "${kind#*:}")"
+done
 for extra in ${EXTRA-bare-fixed:UNSLOTH_BLOCK_COMPILE=0}; do
   if [ $(( $(date +%s) - began + ${LIMIT:-150} )) -gt "${BUDGET:-450}" ]; then
     echo "{\"variant\": \"$extra\", \"skipped\": \"time budget\"}" >>"$out/packed.jsonl"
