@@ -97,6 +97,12 @@ HOST_SECONDS_PER_LAYER = {("4bit", True): 0.0117, ("4bit", False): 0.0086, ("16b
 
 
 OVERLAP_NORM = 5.35  # step time = (host^p + gpu^p)^(1/p): the two overlap, imperfectly
+# unsloth runs a packed batch (padding-free: several documents a row, with their lengths) through each layer uncompiled,
+# and its attention as one SDPA call per run of equal-length documents (torch 2.11 has no varlen kernel with GQA):
+# 0.51 s more a step of 4 x 2048 tokens without checkpointing and 0.54 s with it, at the 8B shape on an H100 (fp8,
+# FineTome-like rows, 4 documents a sequence; bench/results/2026-12-06-h100-packed-rows-vs-fixed). Modelled as
+# unfused elementwise traffic: bytes per token, layer and unit of hidden size, over the card's memory bandwidth.
+PACKED_BYTES_PER_TOKEN_LAYER_HIDDEN = 1636
 
 
 REFERENCE_GPU = "h100-sxm"  # the card the constants were fitted on
@@ -488,8 +494,10 @@ def estimate_throughput(
     seq_len: int,
     checkpointing: bool,
     backend: Backend = "unsloth",
+    packed: bool = False,
 ) -> Speed:
-    """Training tokens per second (rows x padded length per step / step time) on `gpu`."""
+    """Training tokens per second (rows x padded length per step / step time) on `gpu`; `packed`: sequences of
+    several documents (training.packing), which unsloth trains on a slower path."""
     tokens = batch_size * seq_len
     passes = 3 if checkpointing else 2  # forward, input-gradient backward (the base is frozen), recompute
     linear_flops = 2 * arch.linear_params(active=True) * passes
@@ -511,6 +519,9 @@ def estimate_throughput(
         gpu_seconds += passes * arch.linear_params() * DEQUANT_BYTES_PER_WEIGHT / (gpu.bandwidth_gbs * 1e9)
     host = arch.num_layers * HOST_SECONDS_PER_LAYER[("4bit" if precision == "4bit" else "16bit", checkpointing)]
     step = (gpu_seconds**OVERLAP_NORM + host**OVERLAP_NORM) ** (1 / OVERLAP_NORM)
+    if packed and backend == "unsloth":
+        step += (tokens * arch.num_layers * arch.hidden_size * PACKED_BYTES_PER_TOKEN_LAYER_HIDDEN
+                 / (gpu.bandwidth_gbs * 1e9))
     return Speed(tokens_per_second=tokens / step, step_seconds=step, gpu_seconds=gpu_seconds, host_seconds=host,
                  bound="gpu" if gpu_seconds >= host else "host")
 
@@ -557,6 +568,7 @@ def choose(
     optim: str = "adamw_8bit",
     headroom: float = 0.10,
     max_batch_size: int | None = None,
+    packed: bool = False,
 ) -> Choice:
     """The fastest configuration predicted to fit in `gpu.memory_gib` with `headroom` (a fraction of the card)
     left free. Fixed (non-auto) arguments are kept as given. When nothing fits, the smallest configuration is
@@ -588,7 +600,7 @@ def choose(
                 common = dict(precision=p, lora_r=lora_r, target_modules=target_modules, batch_size=b, seq_len=seq_len,
                               checkpointing=ckpt, backend=backend)
                 memory = estimate_memory(arch, optim=optim, **common)
-                speed = estimate_throughput(arch, gpu, **common)
+                speed = estimate_throughput(arch, gpu, packed=packed, **common)
                 candidates.append((memory, speed, b, ckpt, p))
     fitting = [c for c in candidates if c[0].total <= limit]
     if not fitting:
@@ -643,4 +655,4 @@ def choose_for_spec(spec, arch: Arch, card: Gpu, *, longest: int | None = None, 
                                      precision=spec.model.precision)
     return choose(arch, card, lora_r=spec.lora.r, target_modules=tuple(spec.lora.target_modules), seq_len=seq_len,
                   backend=spec_backend(spec), optim=training.optim, headroom=headroom, max_batch_size=rows,
-                  **fixed)
+                  packed=training.packing, **fixed)

@@ -89,7 +89,8 @@ def plan_kind(spec, arch: Arch, tokens: DataTokens, card: Gpu, prices: dict[str,
     if count is not None and choice.fits:
         speed = estimate_throughput(arch, card, precision=choice.precision, lora_r=spec.lora.r,
                                     target_modules=tuple(spec.lora.target_modules), batch_size=choice.batch_size,
-                                    seq_len=max(1, round(padded)), checkpointing=choice.gradient_checkpointing, backend=backend)
+                                    seq_len=max(1, round(padded)), checkpointing=choice.gradient_checkpointing, backend=backend,
+                                    packed=training.packing)
         seconds = count * speed.step_seconds
     rate = price_per_hour(prices, card.kind)
     usd = seconds / 3600 * rate if seconds is not None and rate is not None else None
