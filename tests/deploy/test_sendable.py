@@ -159,7 +159,8 @@ def test_launch_reads_a_spec_it_can_reach_validates_it_whole_and_sizes_the_disk(
     recipe["run"]["output"] = "s3://bucket/runs"
     (folder / "spec.yaml").write_text(yaml.safe_dump(recipe))
     (folder / "bad.yaml").write_text(yaml.safe_dump({**recipe, "lora": {**recipe["lora"], "r": "sixteen"}}))
-    disk = estimate_disk(arch_from_table("llama-3.1-8b"), merged=True, gguf_types=recipe["export"]["gguf"])
+    disk = estimate_disk(arch_from_table("llama-3.1-8b"), merged=True, gguf_types=recipe["export"]["gguf"],
+                         base_gguf=True)  # the recipe's GGUFs come from the base's cached GGUF
     with fake_apis.runpod(API_KEYS["RUNPOD_API_KEY"]) as api:
         runpod = ["launch", "runpod", "--image", "i", "--gpu", "NVIDIA H100 80GB HBM3", "--api-url", f"{api.url}/v1"]
         sized = CliRunner().invoke(main, [*runpod, f"{url}/spec.yaml"], env=API_KEYS)
