@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import structlog
+
 from job import llamacpp, log
 from job.errors import OutOfResources, SpecError
 from job.model import read_config
@@ -138,6 +140,7 @@ class BaseGguf:
             (self.source / file.name).symlink_to(file.resolve())
         self.path = cache_dir / "gguf" / f"base-{self._key(weights)}-bf16.gguf"
         self.error: str | None = None
+        self._context = structlog.contextvars.get_contextvars()  # the run's fields, for the thread's events
         self._thread = threading.Thread(target=self._convert, name="base-gguf", daemon=True)
 
     def _key(self, weights: list[Path]) -> str:
@@ -156,6 +159,10 @@ class BaseGguf:
         return self
 
     def _convert(self) -> None:
+        with structlog.contextvars.bound_contextvars(**self._context):
+            self._convert_once()
+
+    def _convert_once(self) -> None:
         events = log.get()
         if self.path.exists():
             events.info("export.base_gguf.cached", path=str(self.path))

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+import structlog
 
 from job import export, llamacpp, log
 from job.cli.common import paths_from_env
@@ -82,7 +83,12 @@ def test_the_base_route_makes_the_gguf_the_merged_weights_make(smoke_model_dir, 
     # a second run on this base and tokenizer converts nothing
     events = io.StringIO()
     log.setup(json_logs=True, stream=events)
-    again = export.BaseGguf(tools, smoke_model_dir, tokenizer, cache, tmp_path / "work-2").start()
-    assert again.wait() == cached
-    names = [json.loads(line)["event"] for line in events.getvalue().splitlines()]
+    with structlog.contextvars.bound_contextvars(run_id="second"):
+        again = export.BaseGguf(tools, smoke_model_dir, tokenizer, cache, tmp_path / "work-2").start()
+    with structlog.contextvars.bound_contextvars(run_id="second-waits"):
+        assert again.wait() == cached
+    lines = [json.loads(line) for line in events.getvalue().splitlines()]
+    by_thread = [e for e in lines if e["event"] == "export.base_gguf.cached"]
+    assert by_thread and all(e.get("run_id") == "second" for e in by_thread)  # the run's fields in the thread too
+    names = [e["event"] for e in lines]
     assert "export.base_gguf.cached" in names and "export.base_gguf.convert.started" not in names
