@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import shutil
 import threading
@@ -108,7 +110,7 @@ def check_convertible(tools: llamacpp.Tools, config: dict) -> None:
 def base_gguf_refusal(lora: LoraSection, export_section: ExportSection) -> str | None:
     """Why the GGUFs cannot be made from the base's cached GGUF with the adapter merged in by llama.cpp's own
     llama-export-lora, or None when they can. That merge writes the adapted tensors in f16 (a 16-bit GGUF published as
-    such comes from the merged weights) and knows plain LoRA scaling, alpha / r, only."""
+    such comes from the merged weights), and the LoRA converter carries the projections' pairs alone."""
     if not export_section.gguf:
         return "no GGUF is published"
     if sixteen_bit := sorted(set(export_section.gguf) & {"bf16", "f16", "f32"}):
@@ -129,7 +131,7 @@ class BaseGguf:
     merges the adapter into it: the converter's minute at 8B leaves the path from the last step to the manifest."""
 
     def __init__(self, tools: llamacpp.Tools, base_path: Path, tokenizer, cache_dir: Path, work: Path):
-        self.tools, self.base_path = tools, base_path
+        self.tools = tools
         self.source = work / "base-for-gguf"  # the base's config and weights with this run's tokenizer
         clean(self.source)
         self.source.mkdir(parents=True)
@@ -159,10 +161,15 @@ class BaseGguf:
         return self
 
     def _convert(self) -> None:
+        partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
         with structlog.contextvars.bound_contextvars(**self._context):
-            self._convert_once()
+            try:
+                self._convert_once(partial)
+            except Exception as exc:  # noqa: BLE001 - the merged weights' own conversion stands in for it
+                self.error = str(exc)
+                partial.unlink(missing_ok=True)
 
-    def _convert_once(self) -> None:
+    def _convert_once(self, partial: Path) -> None:
         events = log.get()
         if self.path.exists():
             events.info("export.base_gguf.cached", path=str(self.path))
@@ -170,18 +177,11 @@ class BaseGguf:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         needed = sum(p.stat().st_size for p in self.source.glob("*.safetensors"))  # bf16: at most the checkpoint's size
         if shutil.disk_usage(self.path.parent).free < needed * 1.05:
-            self.error = f"{self.path.parent} has less free space than the base's {needed / 2**30:.1f} GiB"
-            return
-        partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
+            raise OutOfResources(f"{self.path.parent} has less free space than the base's {needed / 2**30:.1f} GiB")
         events.info("export.base_gguf.convert.started", outtype="bf16")
         started = time.monotonic()
-        try:
-            llamacpp.convert(self.tools, self.source, partial, "bf16")
-            os.replace(partial, self.path)  # whole or absent: another run on this cache may read it next
-        except Exception as exc:  # noqa: BLE001 - the merged weights' own conversion stands in for it
-            self.error = str(exc)
-            partial.unlink(missing_ok=True)
-            return
+        llamacpp.convert(self.tools, self.source, partial, "bf16")
+        os.replace(partial, self.path)  # whole or absent: another run on this cache may read it next
         events.info("export.base_gguf.convert.finished", outtype="bf16", bytes=self.path.stat().st_size,
                     seconds=round(time.monotonic() - started, 2))
 
@@ -200,9 +200,6 @@ class BaseGguf:
 def gguf_from_base(tools: llamacpp.Tools, base_gguf: Path, base_dir: Path, adapter_dir: Path, target: Path) -> None:
     """The base's GGUF with the adapter merged in: llama.cpp's LoRA converter, then llama-export-lora (the merge in
     f32, the adapted tensors written as f16, the others copied)."""
-    import json
-    import math
-
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     # llama.cpp scales by alpha / r; rsLoRA trained with alpha / sqrt(r)
     scale = math.sqrt(config["r"]) if config.get("use_rslora") else 1.0
@@ -233,6 +230,15 @@ def to_gguf(tools: llamacpp.Tools, merged_dir: Path, out_dir: Path, types: list[
     intermediate = out_dir / "gguf" / f"{stem}-bf16.gguf"
     intermediate.parent.mkdir(parents=True, exist_ok=True)
     gguf_from_merged(tools, merged_dir, intermediate)
+    return quantize_all(tools, intermediate, types, stem, on_made)
+
+
+def to_gguf_from_base(tools: llamacpp.Tools, base_gguf: Path, base_dir: Path, adapter_dir: Path, out_dir: Path,
+                      types: list[str], stem: str, on_made: Callable[[Path], None] | None = None) -> dict[str, Path]:
+    """The adapter merged into the base's GGUF once, then quantized to each requested type."""
+    intermediate = out_dir / "gguf" / f"{stem}-f16.gguf"
+    intermediate.parent.mkdir(parents=True, exist_ok=True)
+    gguf_from_base(tools, base_gguf, base_dir, adapter_dir, intermediate)
     return quantize_all(tools, intermediate, types, stem, on_made)
 
 

@@ -263,8 +263,9 @@ def _export(spec: Spec, env: _Environment, fetched, adapter_dir: Path, tokenizer
         gguf_made = None
         if tools and base_gguf_path:
             exported.gguf_method = "the adapter merged into the base's bf16 GGUF by llama-export-lora"
-            gguf_made = gguf_thread.submit(_gguf_from_base, spec, env, tools, base_gguf_path, base_gguf.source,
-                                           adapter_dir, send, structlog.contextvars.get_contextvars())
+            gguf_made = gguf_thread.submit(
+                _with_context(structlog.contextvars.get_contextvars(), export.to_gguf_from_base), tools, base_gguf_path,
+                base_gguf.source, adapter_dir, env.staging, spec.export.gguf, spec.run_id, on_made=send)
         if spec.export.merged:
             exported.merged_dir, exported.merge_method = export.merge(
                 fetched.path, exported.adapter_dir, env.staging, spec.model,
@@ -284,13 +285,12 @@ def _export(spec: Spec, env: _Environment, fetched, adapter_dir: Path, tokenizer
     return exported, references
 
 
-def _gguf_from_base(spec: Spec, env: _Environment, tools, base_gguf: Path, base_dir: Path, adapter_dir: Path,
-                    send: Callable[[Path], None], context: dict) -> dict[str, Path]:
-    with structlog.contextvars.bound_contextvars(**context):  # this thread's events name the stage too
-        intermediate = env.staging / "gguf" / f"{spec.run_id}-f16.gguf"
-        intermediate.parent.mkdir(parents=True, exist_ok=True)
-        export.gguf_from_base(tools, base_gguf, base_dir, adapter_dir, intermediate)
-        return export.quantize_all(tools, intermediate, spec.export.gguf, spec.run_id, on_made=send)
+def _with_context(context: dict, fn: Callable) -> Callable:
+    """`fn` with the caller's log fields bound, for another thread (its events name the run and stage too)."""
+    def bound(*args, **kwargs):
+        with structlog.contextvars.bound_contextvars(**context):
+            return fn(*args, **kwargs)
+    return bound
 
 
 def _publish(spec: Spec, staging: Path, store, body: rundir.Manifest, metrics_path: Path,

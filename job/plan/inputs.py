@@ -108,6 +108,12 @@ def resolve_arch(model, *, s3=None, hub_endpoint: str = "https://huggingface.co"
                         hint="pass --config path/to/config.json (the model's config.json; no weights needed)")
 
 
+def disk_for_spec(spec, arch: Arch) -> Disk:
+    """The run's predicted peak disk, the base's cached GGUF counted where the GGUFs are made from it."""
+    return estimate_disk(arch, merged=spec.export.merged, gguf_types=spec.export.gguf,
+                         base_gguf=base_gguf_refusal(spec.lora, spec.export) is None)
+
+
 def disk_at_hand(spec) -> tuple[Disk, str] | str:
     """The run's predicted peak disk and where the model's numbers came from, from what this machine has (a local
     checkpoint or GGUF, the hub cache, the built-in table), never the network: what `job k8s render` sizes volumes
@@ -118,8 +124,7 @@ def disk_at_hand(spec) -> tuple[Disk, str] | str:
         resolved = resolve_arch(spec.model, hub_offline=True)
     except NotFoundError as exc:
         return str(exc)
-    return estimate_disk(resolved.arch, merged=spec.export.merged, gguf_types=spec.export.gguf,
-                          base_gguf=base_gguf_refusal(spec.lora, spec.export) is None), resolved.source
+    return disk_for_spec(spec, resolved.arch), resolved.source
 
 
 def _hub_config_unavailable(model, endpoint: str, offline: bool) -> dict[str, Any] | str:

@@ -11,10 +11,9 @@ from typing import Any
 import yaml
 
 from job.errors import SpecError
-from job.export import base_gguf_refusal
-from job.plan.estimate import (Arch, Choice, Gpu, choose_for_spec, estimate_disk, estimate_throughput,
+from job.plan.estimate import (Arch, Choice, Gpu, choose_for_spec, estimate_throughput,
                                expected_batch_length, gpu, gpus, micro_batches, shipped_table, spec_backend)
-from job.plan.inputs import DataTokens
+from job.plan.inputs import DataTokens, disk_for_spec
 
 
 def load_prices(text: str | None = None) -> dict[str, Any]:
@@ -137,8 +136,7 @@ def as_dict(spec, resolved, tokens: DataTokens, results: list[KindPlan], best: K
                   "parameters": resolved.arch.total_params},
         "data": {"rows": tokens.rows, "tokens": tokens.tokens, "longest": tokens.longest, "method": tokens.method},
         "backend": spec_backend(spec),
-        "disk_gib": estimate_disk(resolved.arch, merged=spec.export.merged, gguf_types=spec.export.gguf,
-                          base_gguf=base_gguf_refusal(spec.lora, spec.export) is None).as_dict(),
+        "disk_gib": disk_for_spec(spec, resolved.arch).as_dict(),
         "headroom": headroom,
         "prices": {"file": prices_file, "date": prices.get("date")},
         "kinds": [r.as_dict() for r in results],

@@ -92,3 +92,16 @@ def test_the_base_route_makes_the_gguf_the_merged_weights_make(smoke_model_dir, 
     assert by_thread and all(e.get("run_id") == "second" for e in by_thread)  # the run's fields in the thread too
     names = [e["event"] for e in lines]
     assert "export.base_gguf.cached" in names and "export.base_gguf.convert.started" not in names
+
+
+def test_a_base_gguf_that_cannot_be_made_leaves_the_merged_route_and_says_why(smoke_model_dir, tmp_path):
+    tools = llamacpp.locate(paths_from_env(dict(os.environ)).llama_cpp_dir)
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    events = io.StringIO()
+    log.setup(json_logs=True, stream=events)
+    base_gguf = export.BaseGguf(tools, smoke_model_dir, load_tokenizer(smoke_model_dir), tmp_path / "cache",
+                                tmp_path / "work").start()
+    assert base_gguf.wait() is None
+    warning = next(json.loads(line) for line in events.getvalue().splitlines()
+                   if json.loads(line)["event"] == "export.base_gguf.unavailable")
+    assert "cache" in warning["reason"] and "merged weights" in warning["fallback"]
