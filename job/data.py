@@ -18,7 +18,7 @@ from typing import Any
 from job import log
 from job.chat_templates import NAMED
 from job.errors import DataError, NotFoundError, TransientError
-from job.spec import DataSection
+from job.spec import DataSection, TrainingSection
 from job.storage import S3Settings, open_location
 
 SUPPORTED = (".jsonl", ".json", ".parquet", ".csv")
@@ -276,6 +276,10 @@ def detect_format(rows: list[Any]) -> str:
             return "prompt_completion"
         if "text" in keys:
             return "text"
+        if {"chosen", "rejected"} <= keys:
+            raise DataError(f"data.format: the columns {sorted(keys)} are preference data (a chosen and a rejected "
+                            "answer), which supervised fine-tuning cannot train on",
+                            hint="set training.method: dpo (or orpo, kto) to train on the pairs")
         raise DataError(
             f"data.format: cannot detect the format from columns {sorted(keys)}",
             hint="expected messages, conversations, instruction/output, prompt/completion or text; or set data.format",
@@ -588,14 +592,23 @@ def prepare(data: DataSection, tokenizer, max_seq_length: int, work_dir: Path, s
     return dataset, stats, template
 
 
-def prepare_with_eval(data: DataSection, tokenizer, max_seq_length: int, work_dir: Path, s3: S3Settings, *, seed: int):
-    """prepare(), and the evaluation rows: data.eval prepared the same way, or data.eval_split held out of the
-    training rows (None when neither is set). Returns (train dataset, eval dataset, stats dict, template name)."""
-    dataset, stats, template = prepare(data, tokenizer, max_seq_length, work_dir, s3)
+def prepare_with_eval(data: DataSection, tokenizer, training: TrainingSection, work_dir: Path, s3: S3Settings):
+    """prepare() (or, for a preference method, job.preference's), and the evaluation rows: data.eval prepared the same
+    way, or data.eval_split held out of the training rows (None when neither is set). Returns (train dataset, eval
+    dataset, stats dict, template name); every dataset has an input_ids column of the rows as trained."""
+    from job import preference
+
+    def prepare_one(section: DataSection, folder: Path):
+        if training.method == "sft":
+            return prepare(section, tokenizer, training.max_seq_length, folder, s3)
+        return preference.prepare(section, tokenizer, training, folder, s3)
+
+    dataset, stats, template = prepare_one(data, work_dir)
+    seed = training.seed
     eval_dataset = None
     if data.eval:
         eval_section = data.model_copy(update={"source": data.eval, "eval": None, "max_rows": None})
-        eval_dataset, stats["eval"], _ = prepare(eval_section, tokenizer, max_seq_length, work_dir / "eval", s3)
+        eval_dataset, stats["eval"], _ = prepare_one(eval_section, work_dir / "eval")
     elif data.eval_split:
         try:
             parts = dataset.train_test_split(test_size=data.eval_split, seed=seed)

@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 import yaml
 
-from job import backends, card, checkpoint, data, export, llamacpp, log, model, plots, publish, rundir, runtime, settings, train, verify
+from job import backends, card, checkpoint, data, export, lineage, llamacpp, log, model, plots, publish, rundir, runtime, settings, train, verify
 from job.errors import GpuOutOfMemory, NoUsableGpu, Preempted
 from job.runtime import Paths, Process
 from job.spec import Spec
@@ -89,10 +89,11 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
         if process.is_main:
             export.check_disk(spec.export, model.read_config(fetched.path), env.work)
         tokenizer = model.load_tokenizer(fetched.path, spec.model.trust_remote_code)
+        parent = lineage.fetch(spec, env.work, s3) if spec.model.adapter else None
 
     with stage("load_data", timings, current):
         dataset, eval_dataset, data_stats, template = data.prepare_with_eval(
-            spec.data, tokenizer, spec.training.max_seq_length, env.work, s3, seed=spec.training.seed)
+            spec.data, tokenizer, spec.training, env.work, s3)
         held_out = eval_dataset if eval_dataset is not None else dataset
 
     vocab = base_gguf = None
@@ -103,7 +104,7 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
         base_gguf = _start_base_gguf(spec, tools, fetched.path, tokenizer, paths.cache_dir, env.work)
 
     with stage("train", timings, current):
-        peft_model, result, info = _train(spec, env, store, fetched, tokenizer, dataset, eval_dataset, resume,
+        peft_model, result, info = _train(spec, env, store, fetched, parent, tokenizer, dataset, eval_dataset, resume,
                                           fingerprint, stop, process)
         if not process.is_main:
             return None
@@ -146,7 +147,9 @@ def _run(spec: Spec, paths: Paths, store, stop: train.StopRequest, current: dict
             training={**info, "steps": result.steps, "first_loss": result.first_loss, "final_loss": result.final_loss,
                       "final_eval_loss": result.final_eval_loss, "resumed_from_step": resume.step if resume else None,
                       "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
-                      "peak_gpu_memory_gib": result.peak_gpu_memory_gib},
+                      "peak_gpu_memory_gib": result.peak_gpu_memory_gib, "method": spec.training.method,
+                      "preference": result.preference},
+            lineage={"parent": parent.as_dict()} if parent else None,
             export={"merge_method": exported.merge_method, "gguf_types": list(exported.gguf),
                     "gguf_method": exported.gguf_method,
                     "llama_cpp": {"commit": tools.commit, "source": llamacpp.SOURCE} if tools else None},
@@ -199,8 +202,8 @@ def _set_up(spec: Spec, paths: Paths, process: Process) -> _Environment:
     return _Environment(torch, backend_name, backend, capability, work, staging)
 
 
-def _train(spec: Spec, env: _Environment, store, fetched, tokenizer, dataset, eval_dataset, resume, fingerprint: str,
-           stop: train.StopRequest, process: Process):
+def _train(spec: Spec, env: _Environment, store, fetched, parent: lineage.Parent | None, tokenizer, dataset,
+           eval_dataset, resume, fingerprint: str, stop: train.StopRequest, process: Process):
     """The adapter, trained (or resumed) with the `auto` settings resolved once; a resumed run keeps what its
     checkpoint was trained with. Ranks other than 0 leave the process group here."""
     torch = env.torch
@@ -213,6 +216,8 @@ def _train(spec: Spec, env: _Environment, store, fetched, tokenizer, dataset, ev
                                                 ("batch_size", "gradient_checkpointing", "gradient_accumulation_steps")
                                                 if k in resolved})
     peft_model, _, info = env.backend.load_for_training(fetched.path, model_section, spec.lora, training)
+    if parent:
+        lineage.load_adapter(peft_model, parent.adapter_dir)  # a preference method's reference, too
     info["world_size"] = process.world_size  # the batch size is per process; tokens/s counts every process
     info["resolved"] = resolved
     record = {"fingerprint": fingerprint, "world_size": process.world_size, "resolved": resolved}

@@ -36,7 +36,9 @@ class Manifest(TypedDict, total=False):
     spec: dict[str, Any]  # the resolved spec, secrets masked
     model: dict[str, Any]  # source, description, trust_remote_code
     data: dict[str, Any]  # rows kept and dropped, tokens, template; "eval" when evaluated
-    training: dict[str, Any]  # backend, precision, resolved settings, steps, first/final loss, seconds, tokens/s
+    training: dict[str, Any]  # backend, precision, resolved settings, steps, first/final loss, seconds, tokens/s,
+    # method, preference (a preference method's rewards and log-probabilities at the last logged step)
+    lineage: dict[str, Any] | None  # {"parent": job.lineage.Parent.as_dict()} for a run chained by model.adapter
     export: dict[str, Any]  # merge_method, gguf_types, llama_cpp {commit, source}
     verification: dict[str, Any]  # job.verify.Verification.as_dict()
     probes: list[dict[str, Any]]  # greedy answers: a sample to read, never a gate

@@ -94,6 +94,24 @@ class ModelSection(Section):
     token: SecretStr | None = Field(
         None, description="Hub token for gated or private models (prefer env HF_TOKEN or MODELSCOPE_API_TOKEN)."
     )
+    adapter: str | None = Field(
+        None,
+        description="Start from a published run's adapter: s3://bucket/prefix/RUN_ID/ or a local run folder (one "
+        "holding manifest.json and adapter/). Its base must be this spec's model.name and its LoRA settings this "
+        "spec's lora; the manifest records the parent run. With a preference method the reference model is the base "
+        "with this adapter as loaded.",
+    )
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.strip() or ("://" in value and not value.startswith("s3://")):
+            raise ValueError("must be s3://bucket/prefix/RUN_ID/ or a local run folder")
+        if value.startswith("~"):
+            value = str(Path(value).expanduser())
+        return value.rstrip("/")
 
     @field_validator("name")
     @classmethod
@@ -123,8 +141,13 @@ class DataSection(Section):
         description="A local file or directory, s3://bucket/key or s3://bucket/prefix/, an https:// URL of one file, "
         "or a Hugging Face dataset id. Files: .jsonl, .json, .parquet, .csv.",
     )
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "prompt_completion"] = Field(
-        "auto", description="Row format. auto detects it from the columns and logs what it picked."
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "prompt_completion", "preference",
+                    "preference_messages", "kto"] = Field(
+        "auto",
+        description="Row format. auto detects it from the columns and logs what it picked. For training.method dpo, "
+        "orpo and kto: preference (prompt, chosen, rejected as strings), preference_messages (chosen and rejected "
+        "as message lists that share their first turns, or follow a prompt given as a message list) and, for kto "
+        "only, kto (prompt, completion, label: true for a desirable completion).",
     )
     split: str = Field("train", description="Split of a hub dataset.")
     chat_template: Literal["auto", "model", "chatml", "llama-3", "alpaca"] = Field(
@@ -150,7 +173,53 @@ class DataSection(Section):
         return self
 
 
+class DpoSection(Section):
+    """trl's DPOConfig fields that a DPO run may set, under trl's names."""
+
+    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference (higher: less).")
+    loss_type: list[Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                            "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]] = Field(
+        ["sigmoid"], min_length=1, description="trl's loss type(s); several are summed with loss_weights.")
+    loss_weights: list[float] | None = Field(None, description="One weight per loss_type (default 1.0 each).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Robust DPO's flip probability, EXO's epsilon.")
+    use_weighting: bool = Field(False, description="WPO weighting of pairs by the policy's probabilities.")
+    ld_alpha: float | None = Field(None, ge=0, le=1, description="LD-DPO's weight of the verbose tokens.")
+
+    @model_validator(mode="after")
+    def _weights(self) -> DpoSection:
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} weights for {len(self.loss_type)} loss_type(s)")
+        return self
+
+
+class OrpoSection(Section):
+    """trl's ORPOConfig fields that an ORPO run may set, under trl's names."""
+
+    beta: float = Field(0.1, gt=0, description="The weight of the odds-ratio term (lambda in the ORPO paper).")
+
+
+class KtoSection(Section):
+    """trl's KTOConfig fields that a KTO run may set, under trl's names."""
+
+    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference (higher: less).")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    desirable_weight: float = Field(1.0, gt=0, description="Weight of the desirable completions' losses.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Weight of the undesirable completions' losses.")
+
+
+PREFERENCE_METHODS = ("dpo", "orpo", "kto")
+
+
 class TrainingSection(Section):
+    method: Literal["sft", "dpo", "orpo", "kto"] = Field(
+        "sft",
+        description="sft: supervised fine-tuning. dpo, orpo, kto: preference tuning through trl's trainers, on "
+        "preference data (data.format); each reads its own section (training.dpo, .orpo, .kto). dpo and kto train "
+        "against a reference: the base with model.adapter's adapter as loaded, or the base alone.",
+    )
+    dpo: DpoSection | None = Field(None, description="DPO's settings (training.method: dpo).")
+    orpo: OrpoSection | None = Field(None, description="ORPO's settings (training.method: orpo).")
+    kto: KtoSection | None = Field(None, description="KTO's settings (training.method: kto).")
     backend: Literal["auto", "hf", "unsloth"] = Field(
         "auto", description="auto: unsloth when CUDA is present, else transformers+peft (hf)."
     )
@@ -188,6 +257,23 @@ class TrainingSection(Section):
     sharding: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Under torchrun: ddp replicates the model on every GPU. fsdp (sharding it) is not built yet."
     )
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> TrainingSection:
+        for method in PREFERENCE_METHODS:
+            if getattr(self, method) is not None and self.method != method:
+                raise ValueError(f"training.{method} is set but training.method is {self.method}: set training.method: "
+                                 f"{method}, or remove training.{method}")
+        if self.method in PREFERENCE_METHODS and self.packing:
+            raise ValueError(f"training.packing is for sft; trl's {self.method} trainer pads each pair instead")
+        return self
+
+    def method_settings(self) -> BaseModel | None:
+        """The preference method's section, its defaults where the spec left it out (None for sft)."""
+        if self.method == "sft":
+            return None
+        given = getattr(self, self.method)
+        return given if given is not None else {"dpo": DpoSection, "orpo": OrpoSection, "kto": KtoSection}[self.method]()
 
     @field_validator("sharding")
     @classmethod
@@ -258,6 +344,15 @@ class Spec(Section):
             raise ValueError("export.gguf needs export.merged: true (GGUF files are converted from the merged weights)")
         if self.training.eval_every and not (self.data.eval or self.data.eval_split):
             raise ValueError("training.eval_every needs data.eval or data.eval_split")
+        preference = self.training.method in PREFERENCE_METHODS
+        if self.data.format in ("preference", "preference_messages", "kto") and not preference:
+            raise ValueError(f"data.format {self.data.format} is preference data: set training.method to dpo, orpo or kto")
+        if preference and self.data.format not in ("auto", "preference", "preference_messages", "kto"):
+            raise ValueError(f"training.method {self.training.method} trains on preference data: set data.format to "
+                             "preference, preference_messages, kto or auto")
+        if self.data.format == "kto" and self.training.method != "kto":
+            raise ValueError(f"data.format kto has one completion a row, with a label: training.method "
+                             f"{self.training.method} needs pairs (data.format preference or preference_messages)")
         return self
 
     @property

@@ -1,4 +1,5 @@
-"""The shared training loop: trl's SFTTrainer over the backend's model, with every argument from the spec.
+"""The shared training loop: trl's trainer for training.method (SFTTrainer, DPOTrainer, KTOTrainer or ORPOTrainer)
+over the backend's model, with every argument from the spec.
 
 unsloth patches trl's SFTConfig defaults when imported, so nothing here relies on a library default. The trainer's
 speed-specific overrides, and the private names of transformers and trl they depend on, are in job.trainer_overrides.
@@ -54,6 +55,7 @@ class TrainResult:
     peak_gpu_memory_gib: float | None
     metrics_path: Path
     final_eval_loss: float | None = None
+    preference: dict[str, float] | None = None  # PREFERENCE_METRICS at the last logged step
 
 
 def dataloader_workers(training: TrainingSection, *, use_cpu: bool) -> int:
@@ -62,12 +64,12 @@ def dataloader_workers(training: TrainingSection, *, use_cpu: bool) -> int:
     return training.dataloader_workers
 
 
-def sft_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, use_cpu: bool, backend: str,
-               evaluate: bool = False, report_to: list[str] | None = None):
-    from trl import SFTConfig
-
+def trainer_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, use_cpu: bool, backend: str,
+                   evaluate: bool = False, report_to: list[str] | None = None):
+    """The trl config of training.method (SFTConfig, DPOConfig, KTOConfig or ORPOConfig), every field job relies on
+    given from the spec or here."""
     workers = dataloader_workers(training, use_cpu=use_cpu)
-    return SFTConfig(
+    common = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=training.batch_size,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
@@ -94,11 +96,6 @@ def sft_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, 
         per_device_eval_batch_size=training.batch_size,
         # TensorBoard is attached by run() with a writer for the run's own folder (its callback reads a global env var).
         report_to=[name for name in report_to or [] if name != "tensorboard"],
-        max_length=training.max_seq_length,
-        packing=training.packing,
-        padding_free=False,
-        completion_only_loss=None,
-        assistant_only_loss=False,
         # the backend switched checkpointing on while loading (unsloth's own variant on GPU)
         gradient_checkpointing=False,
         bf16=dtype_name == "bfloat16",
@@ -116,7 +113,35 @@ def sft_config(training: TrainingSection, output_dir: Path, *, dtype_name: str, 
         disable_tqdm=True,
         remove_unused_columns=True,
         dataset_num_proc=None,
+        max_length=training.max_seq_length,
     )
+    settings = training.method_settings()
+    if training.method == "sft":
+        from trl import SFTConfig
+
+        return SFTConfig(**common, packing=training.packing, padding_free=False, completion_only_loss=None,
+                         assistant_only_loss=False)
+    # The reference is the policy's adapter as loaded (trl copies it to a frozen "ref" adapter): no second model.
+    reference = dict(precompute_ref_log_probs=False, sync_ref_model=False, activation_offloading=False)
+    if training.method == "dpo":
+        from trl import DPOConfig
+
+        return DPOConfig(**common, **reference, **settings.model_dump(), disable_dropout=True,
+                         truncation_mode="keep_start", padding_free=False, pad_to_multiple_of=None,
+                         f_divergence_type="reverse_kl")
+    if training.method == "kto":
+        from trl import KTOConfig
+
+        return KTOConfig(**common, **reference, **settings.model_dump(), disable_dropout=True, pad_to_multiple_of=None)
+    from trl.experimental.orpo import ORPOConfig
+
+    return ORPOConfig(**common, **settings.model_dump(), disable_dropout=True, max_completion_length=None,
+                      padding_value=None, generate_during_eval=False, is_encoder_decoder=False)
+
+
+# What trl's preference trainers log beside the loss (their means over the logging interval).
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                      "logps/rejected", "kl", "log_odds_ratio", "log_odds_chosen", "nll_loss")
 
 
 def _events_callback(metrics_path: Path, started: float):
@@ -131,6 +156,7 @@ def _events_callback(metrics_path: Path, started: float):
             self.losses: list[float] = []
             self.eval_losses: list[float] = []
             self.eval_steps: list[int] = []
+            self.preference: dict[str, float] = {}  # the last logged value of each PREFERENCE_METRICS
             self.tps: list[float] = []
             self.logged_here = 0
             self.first_step: int | None = None
@@ -180,6 +206,11 @@ def _events_callback(metrics_path: Path, started: float):
             }
             if torch.cuda.is_available():
                 record["gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            for name in PREFERENCE_METRICS:
+                for key in (name, f"train/{name}"):
+                    if logs.get(key) is not None:
+                        record[name] = logs[key]
+                        self.preference[name] = float(logs[key])
             self.losses.append(float(record["loss"]))
             if self.logged_here:  # the first step of a process includes its warm-up
                 self.tps.append(rate)
@@ -275,6 +306,7 @@ def _restore_metrics(resume_from: Path, metrics_path: Path, callback) -> None:
         if "eval_loss" in record:
             callback.eval_losses.append(float(record["eval_loss"]))
             callback.eval_steps.append(record["step"])
+        callback.preference.update({name: record[name] for name in PREFERENCE_METRICS if name in record})
 
 
 def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, info: dict, *,
@@ -292,7 +324,7 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
     stop = stop or StopRequest()
     metrics_path = work_dir / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
-    config = sft_config(
+    config = trainer_config(
         training, work_dir / "trainer", dtype_name=info["dtype"], use_cpu=not torch.cuda.is_available(),
         backend=info["backend"], evaluate=eval_dataset is not None and training.eval_every is not None, report_to=report_to,
     )
@@ -312,8 +344,13 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
 
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(logging_dir))))
     callbacks.extend(extra_callbacks)
-    trainer = make_trainer(trainer_variant or TrainerVariant(), config, model=model, train_dataset=dataset,
-                           eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks)
+    if training.method != "sft":
+        # trl renders and tokenizes the conversational columns itself; input_ids is the rows for verification.
+        dataset = dataset.remove_columns("input_ids")
+        eval_dataset = eval_dataset.remove_columns("input_ids") if eval_dataset is not None else None
+    trainer = make_trainer(trainer_variant or TrainerVariant(), config, method=training.method, model=model,
+                           train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+                           callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; our callback emits events instead
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -360,13 +397,20 @@ def run(model, tokenizer, dataset, training: TrainingSection, work_dir: Path, in
         peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
         metrics_path=metrics_path,
         final_eval_loss=callback.eval_losses[-1] if callback.eval_losses else None,
+        preference=dict(callback.preference) or None,
     )
+    if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+        model.delete_adapter(REFERENCE_ADAPTER)  # what is exported and published is the trained adapter alone
     if result.final_loss is not None and not math.isfinite(result.final_loss):
         raise VerificationError(f"training diverged: final loss {result.final_loss}", hint="lower training.learning_rate")
     events.info("train.finished", steps=result.steps, first_loss=result.first_loss, final_loss=result.final_loss,
-                final_eval_loss=result.final_eval_loss, seconds=result.seconds,
+                final_eval_loss=result.final_eval_loss, preference=result.preference, seconds=result.seconds,
                 tokens_per_second=result.tokens_per_second, peak_gpu_memory_gib=result.peak_gpu_memory_gib)
     return result
+
+
+# The frozen copy of the adapter trl's DPO and KTO trainers add to a PeftModel as their reference.
+REFERENCE_ADAPTER = "ref"
 
 
 def checkpoint_step(checkpoint_dir: Path) -> int:

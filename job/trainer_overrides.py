@@ -6,7 +6,8 @@ unsloth 2026.10.9 and torch 2.11-2.14. Before moving a pin, read the methods nam
 tests/unit/test_trainer_overrides.py fails when one is missing or has a new signature, and
 tests/unit/test_train_tokens.py trains with these parts and with transformers' own loop and compares the results.
 
-Private methods of transformers' `Trainer` that `LeanSFTTrainer` overrides:
+Private methods of transformers' `Trainer` that `lean_trainer`'s class overrides (under SFTTrainer for sft; under
+trl's DPOTrainer, KTOTrainer and trl.experimental's ORPOTrainer for the preference methods):
 - `_track_num_input_tokens(inputs)`: transformers reads each micro-batch's token count back with `.item()` right after
   queuing its backward, so the GPU idles while the host queues clipping and the optimizer step. The override keeps
   the count on the device until the host waits anyway: a log line (`log`) or a checkpoint.
@@ -16,8 +17,9 @@ Private methods of transformers' `Trainer` that `LeanSFTTrainer` overrides:
   parameters alone give the same norm. Sharded, sagemaker and mixed-mesh setups keep transformers' own path, which
   the override finds out by calling the private `_has_mixed_mesh_grads(model)`.
 
-Names `LeanSFTTrainer` adds beside transformers' own, which must not clash with theirs: the attributes
-`_pending_tokens` and `_trainable` and the method `_flush_token_count` (transformers 5.17.0 and trl 1.14.2 use none).
+Names `lean_trainer`'s class adds beside transformers' own, which must not clash with theirs: the attributes
+`_pending_tokens` and `_trainable` and the method `_flush_token_count` (transformers 5.17.0 and trl 1.14.2 use none, in
+the SFT, DPO, KTO and ORPO trainers).
 
 Undocumented behaviour relied on:
 - `SFTTrainer.compute_loss` is skipped for `Trainer.compute_loss`: trl's adds per-step entropy and token accuracy (a
@@ -114,19 +116,11 @@ class ModuleWalksOnce:
         self.model.__dict__.update(self.saved)
 
 
-def lean_sft_trainer() -> type:
-    """The trainer class `job run` trains with (a new class each call, so a caller may subclass or change it alone)."""
-    from transformers import Trainer
-    from trl import SFTTrainer
+def lean_trainer(base: type) -> type:
+    """`base` (one of trl's trainers) with the step's host-side costs removed: the token count read back each
+    micro-batch, the module walks of `model.train()`/`model.zero_grad()` and of gradient clipping, the FLOP count."""
 
-    class LeanSFTTrainer(SFTTrainer):
-        """trl's SFTTrainer without its per-step entropy and token-accuracy metrics: they take a softmax over the
-        full logits (batch × sequence × vocabulary) and several host syncs every step, for numbers we do not log.
-        The loss is the model's own, exactly as SFTTrainer computes it."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-
+    class LeanTrainer(base):
         # transformers counts the tokens of each micro-batch with `.item()` right after its backward is queued, so
         # the GPU idles while the host then queues gradient clipping and the optimizer step. Keep the count on the
         # device and read it where the host waits anyway: when a log line reads the loss, and before a checkpoint.
@@ -135,13 +129,17 @@ def lean_sft_trainer() -> type:
         def _track_num_input_tokens(self, inputs):
             import torch
 
-            mask = inputs.get("attention_mask")
-            if mask is None:  # no padding to skip: a mask of ones left out, or trl's padding-free rows
+            # A preference batch holds each pair's two sequences, as one batch (dpo, kto) or side by side (orpo).
+            masks = [inputs[key] for key in ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")
+                     if inputs.get(key) is not None]
+            count = 0
+            if not masks:  # no padding to skip: a mask of ones left out, or trl's padding-free rows
                 count = inputs[getattr(self.model, "main_input_name", "input_ids")].numel()
-            elif mask.device.type == "cpu":
-                count = int(mask.sum())  # no device involved, nothing to wait for
-            else:
-                count = mask.sum(dtype=torch.int64)  # queued behind the backward, read at the next flush
+            for mask in masks:
+                if mask.device.type == "cpu":
+                    count += int(mask.sum())  # no device involved, nothing to wait for
+                else:
+                    count = mask.sum(dtype=torch.int64) + count  # queued behind the backward, read at the next flush
             self._pending_tokens = count if self._pending_tokens is None else self._pending_tokens + count
 
         def _flush_token_count(self):
@@ -186,7 +184,37 @@ def lean_sft_trainer() -> type:
                 return super()._clip_grad_norm(model)
             return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
 
+    LeanTrainer.__name__ = LeanTrainer.__qualname__ = f"Lean{base.__name__}"
+    return LeanTrainer
+
+
+def lean_sft_trainer() -> type:
+    """The trainer class `job run` trains with (a new class each call, so a caller may subclass or change it alone)."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class LeanSFTTrainer(lean_trainer(SFTTrainer)):
+        """trl's SFTTrainer without its per-step entropy and token-accuracy metrics: they take a softmax over the
+        full logits (batch × sequence × vocabulary) and several host syncs every step, for numbers we do not log.
+        The loss is the model's own, exactly as SFTTrainer computes it."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
     return LeanSFTTrainer
+
+
+def preference_trainer(method: str) -> type:
+    """trl's trainer for a preference method (unsloth's patched one once unsloth is imported), made lean."""
+    if method == "dpo":
+        from trl import DPOTrainer as base
+    elif method == "kto":
+        from trl import KTOTrainer as base
+    elif method == "orpo":
+        from trl.experimental.orpo import ORPOTrainer as base
+    else:
+        raise ValueError(f"no preference trainer for method {method!r}")
+    return lean_trainer(base)
 
 
 @dataclass(frozen=True)
@@ -194,8 +222,8 @@ class TrainerVariant:
     """How a run's trainer departs from the one `job run` trains with, for a benchmark or a test that compares the two
     in one process; the default departs in nothing.
 
-    trainer_class: made instead of `lean_sft_trainer()`'s class, with the same arguments (a subclass of it, or of
-        trl's SFTTrainer).
+    trainer_class: made instead of `lean_sft_trainer()`'s class (or `preference_trainer(method)`'s), with the same
+        arguments (a subclass of it, or of the trl trainer it extends).
     configure: called with the run's SFTConfig before the trainer is made, to change it in place.
     full_attention_mask: pass trl's attention mask to the model even where it masks nothing, as trl does."""
 
@@ -204,11 +232,13 @@ class TrainerVariant:
     full_attention_mask: bool = False
 
 
-def make_trainer(variant: TrainerVariant, args, **kwargs):
-    """The trainer for `args` (an SFTConfig) and trl's other arguments in `kwargs`, as `variant` asks."""
+def make_trainer(variant: TrainerVariant, args, method: str = "sft", **kwargs):
+    """The trainer for `args` (the method's trl config) and trl's other arguments in `kwargs`, as `variant` asks."""
     if variant.configure is not None:
         variant.configure(args)
-    trainer = (variant.trainer_class or lean_sft_trainer())(args=args, **kwargs)
-    if not variant.full_attention_mask:
+    default = lean_sft_trainer if method == "sft" else lambda: preference_trainer(method)
+    trainer = (variant.trainer_class or default())(args=args, **kwargs)
+    # A preference trainer's loss reads the attention mask itself.
+    if method == "sft" and not variant.full_attention_mask:
         trainer.data_collator = WithoutFullAttentionMask(trainer.data_collator)  # read when train() makes its loader
     return trainer
