@@ -68,6 +68,45 @@ def modelfile(gguf_name: str, family: str | None, system: str | None = None) -> 
     return "\n".join(lines)
 
 
+# How the card names what a preference trainer logs; the margin, accuracy and log-probabilities lead its table.
+PREFERENCE_LABELS = {
+    "rewards/margins": "reward margin (chosen - rejected)",
+    "rewards/accuracies": "reward accuracy (share of pairs with chosen above rejected)",
+    "logps/chosen": "log-probability of the chosen answers",
+    "logps/rejected": "log-probability of the rejected answers",
+    "rewards/chosen": "reward of the chosen answers",
+    "rewards/rejected": "reward of the rejected answers",
+    "kl": "KL divergence from the reference",
+    "log_odds_ratio": "log odds ratio (chosen over rejected)",
+    "log_odds_chosen": "log odds of the chosen answers",
+    "nll_loss": "NLL loss of the chosen answers",
+}
+
+
+def _lineage(manifest_body: dict) -> str:
+    parent = (manifest_body.get("lineage") or {}).get("parent")
+    if not parent:
+        return ""
+    return (f"\n**Lineage:** continues the adapter of run `{parent.get('run_id')}` ({parent.get('method')}); "
+            f"parent manifest `{parent.get('manifest')}` (sha256 `{parent.get('manifest_sha256')}`).\n")
+
+
+def _preference(train: dict) -> str:
+    metrics = [(k, v) for k, v in (train.get("preference") or {}).items() if v is not None]
+    if not metrics:
+        return ""
+    order = list(PREFERENCE_LABELS)
+    metrics.sort(key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
+    rows = "\n".join(f"| {PREFERENCE_LABELS.get(k, k)} | `{k}` | {v:.4g} |" if isinstance(v, (int, float))
+                     else f"| {PREFERENCE_LABELS.get(k, k)} | `{k}` | {v} |" for k, v in metrics)
+    return f"""
+## Preference metrics ({train.get('method') or 'preference'}, last logged step)
+| metric | logged as | value |
+|---|---|---|
+{rows}
+"""
+
+
 def model_card(manifest_body: dict, files: list[str]) -> str:
     spec = manifest_body["spec"]
     train = manifest_body.get("training", {})
@@ -78,6 +117,7 @@ def model_card(manifest_body: dict, files: list[str]) -> str:
         ("weights used", manifest_body.get("model", {}).get("description", "")),
         ("data", f"{data.get('source')} ({data.get('format')}, {data.get('rows_used')} rows, template {data.get('chat_template')})"),
         ("LoRA", f"r={spec['lora']['r']} alpha={spec['lora']['alpha']} dropout={spec['lora']['dropout']} rslora={spec['lora']['use_rslora']}"),
+        *([("method", train["method"])] if train.get("method") else []),
         ("training", f"lr={spec['training']['learning_rate']} batch={spec['training']['batch_size']}x{spec['training']['gradient_accumulation_steps']} steps={train.get('steps')} seed={spec['training']['seed']}"),
         ("loss", f"{train.get('first_loss')} → {train.get('final_loss')}"),
         ("backend", f"{train.get('backend')} ({train.get('precision')})"),
@@ -95,7 +135,7 @@ Fine-tuned with `job` (QLoRA/LoRA). Complete only when `manifest.json` sits next
 | what | value |
 |---|---|
 {rows}
-{loss_plot}
+{_lineage(manifest_body)}{_preference(train)}{loss_plot}
 ## Verification
 Each artifact was scored against its reference on the same tokens (the probes with the model's own answers, and
 held-out rows) before publishing: the mean KL divergence of its next-token distribution, and how often both pick

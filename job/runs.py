@@ -15,6 +15,7 @@ from job import verify
 from job.errors import NotFoundError
 from job.rundir import FAILURE, MANIFEST, METRICS, SPEC
 from job.storage import LocalStorage, S3Settings, S3Storage, open_location
+from job.train import PREFERENCE_METRICS
 
 CHECKPOINT = re.compile(r"^checkpoints/step-(\d+)/checkpoint\.json$")
 
@@ -211,6 +212,7 @@ def describe(run: Run) -> str:
         f"  training: {training.get('backend')} {training.get('precision')} · loss {_loss(training.get('first_loss'))} → "
         f"{_loss(training.get('final_loss'))} · {training.get('seconds')} s · {training.get('tokens_per_second')} tok/s",
     ]
+    lines += _method_lines(manifest)
     if verification := manifest.get("verification"):
         lines.append("  verification:")
         lines += [f"    {row}" for row in verify.table(verification)]
@@ -220,6 +222,31 @@ def describe(run: Run) -> str:
         if unended := [name for name, ended in (probe.get("stopped") or {}).items() if not ended]:
             lines.append(f"    (no EOS within the token limit: {', '.join(unended)})")
     return "\n".join(lines)
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+
+
+def preference_metrics(preference: dict | None) -> list[tuple[str, object]]:
+    """(name, value) of a manifest's training.preference, in job.train's order, then any other name it holds."""
+    preference = {k: v for k, v in (preference or {}).items() if v is not None}
+    return [(k, preference[k]) for k in PREFERENCE_METRICS if k in preference] + \
+        sorted((k, v) for k, v in preference.items() if k not in PREFERENCE_METRICS)
+
+
+def _method_lines(manifest: dict) -> list[str]:
+    """The training method, the preference metrics and the parent run; nothing for a manifest written before runs
+    recorded them."""
+    training = manifest.get("training") or {}
+    lines = [f"  method: {training['method']}"] if training.get("method") else []
+    if metrics := preference_metrics(training.get("preference")):
+        lines.append("  preference (last logged step): " + " · ".join(f"{k} {_number(v)}" for k, v in metrics))
+    if parent := (manifest.get("lineage") or {}).get("parent"):
+        lines.append(f"  parent run: {parent.get('run_id', '?')} ({parent.get('method', '?')}) · "
+                     f"{parent.get('uri', '?')}")
+        lines.append(f"    manifest {parent.get('manifest', '?')} · sha256 {parent.get('manifest_sha256', '?')}")
+    return lines
 
 
 def split_run_uri(uri: str) -> tuple[str, str]:

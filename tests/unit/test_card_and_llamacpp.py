@@ -5,6 +5,7 @@ import pytest
 from job import card, llamacpp, verify
 from job.chat_templates import CHATML, LLAMA_3
 from job.errors import VerificationError
+from job.spec import Spec
 
 
 def render_go(template: str, system: str, prompt: str) -> str:
@@ -132,3 +133,43 @@ def test_merged_weights_keep_the_base_checkpoints_16_bit_dtype(tmp_path, smoke_t
     assert json.loads((merged_dir / "config.json").read_text())["dtype"] == declared and method.endswith(f"saved as {declared})")
     with safe_open(merged_dir / "model.safetensors", "pt") as weights:
         assert {weights.get_tensor(k).dtype for k in weights.keys()} == {getattr(torch, declared)}
+
+
+def card_body(**extra) -> dict:
+    spec = Spec.model_validate({"model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                                "data": {"source": "pairs.jsonl"}}).masked()
+    body = {"run_id": "dpo-1", "spec": spec, "data": {}, "probes": [],
+            "training": {"steps": 4, "first_loss": 0.6931, "final_loss": 0.41, "backend": "hf", "precision": "16bit"}}
+    for key, value in extra.items():
+        body[key] = {**body[key], **value} if isinstance(body.get(key), dict) else value
+    return body
+
+
+def test_the_card_names_the_method_the_parent_and_the_preference_metrics():
+    parent = {"run_id": "sft-1", "uri": "s3://b/runs/sft-1", "manifest": "s3://b/runs/sft-1/manifest.json",
+              "manifest_sha256": "ab" * 32, "method": "sft"}
+    preference = {"rewards/chosen": 0.42, "rewards/rejected": -0.39, "rewards/accuracies": 0.875,
+                  "rewards/margins": 0.8123, "logps/chosen": -85.3125, "logps/rejected": -97.25}
+    text = card.model_card(card_body(training={"method": "dpo", "preference": preference},
+                                     lineage={"parent": parent}), ["adapter/adapter_model.safetensors"])
+    assert "| method | dpo |" in text
+    lineage = next(line for line in text.splitlines() if line.startswith("**Lineage:**"))
+    assert "`sft-1` (sft)" in lineage and "`s3://b/runs/sft-1/manifest.json`" in lineage and "ab" * 32 in lineage
+    assert "## Preference metrics (dpo, last logged step)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "`" in line]
+    # The margin, accuracy and log-probabilities first, then the rewards themselves.
+    assert rows[:4] == ["| reward margin (chosen - rejected) | `rewards/margins` | 0.8123 |",
+                        "| reward accuracy (share of pairs with chosen above rejected) | `rewards/accuracies` "
+                        "| 0.875 |",
+                        "| log-probability of the chosen answers | `logps/chosen` | -85.31 |",
+                        "| log-probability of the rejected answers | `logps/rejected` | -97.25 |"]
+    assert len(rows) == len(preference)
+
+
+def test_a_card_without_method_lineage_or_preference_metrics_is_as_before():
+    text = card.model_card(card_body(), ["adapter/adapter_model.safetensors"])
+    assert "| method |" not in text and "Lineage" not in text and "Preference" not in text
+    # An sft run of today records its method but no preference metrics and no parent.
+    text = card.model_card(card_body(training={"method": "sft", "preference": None}, lineage=None),
+                           ["adapter/adapter_model.safetensors"])
+    assert "| method | sft |" in text and "Lineage" not in text and "Preference" not in text

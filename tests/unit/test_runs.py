@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import pytest
@@ -141,3 +142,59 @@ def test_listing_one_runs_folder_says_to_show_it_instead(tmp_path):
     write_runs(str(tmp_path / "out"), tmp_path)
     result = CliRunner().invoke(main, ["runs", "list", str(tmp_path / "out" / "done")])
     assert result.exit_code == 2 and "is one run's folder" in result.output and "job runs show" in result.output
+
+
+PREFERENCE = {"rewards/chosen": 0.42, "rewards/rejected": -0.39, "rewards/accuracies": 0.875,
+              "rewards/margins": 0.8123, "logps/chosen": -85.3125, "logps/rejected": -97.25}
+
+
+def write_chained_run(location: str, tmp_path) -> dict:
+    """A DPO run chained from `done` (through the real publisher), its lineage naming done's stored manifest."""
+    store = open_location(location, S3Settings())
+    parent_manifest = store.read_bytes("done/manifest.json")
+    parent = {"run_id": "done", "uri": f"{store.uri}/done", "manifest": f"{store.uri}/done/manifest.json",
+              "manifest_sha256": hashlib.sha256(parent_manifest).hexdigest(), "method": "sft"}
+    staging = tmp_path / "staging-dpo"
+    (staging / "adapter").mkdir(parents=True)
+    (staging / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    spec = spec_dict("dpo-1")
+    spec["training"]["method"] = "dpo"
+    body = {"status": "complete", "spec": spec,
+            "training": {"steps": 4, "first_loss": 0.6931, "final_loss": 0.41, "backend": "hf", "precision": "16bit",
+                         "method": "dpo", "preference": PREFERENCE},
+            "lineage": {"parent": parent},
+            "data": {"source": "s3://data/pairs.jsonl", "format": "preference", "rows_used": 8}}
+    publish.publish(staging, store, "dpo-1", body)
+    return parent
+
+
+def test_show_prints_the_method_preference_metrics_and_parent_of_a_chained_run(tmp_path, bucket):
+    location = f"s3://{bucket}/runs"
+    write_runs(location, tmp_path)
+    parent = write_chained_run(location, tmp_path)
+
+    result = CliRunner().invoke(main, ["runs", "show", f"{location}/dpo-1"])
+    assert result.exit_code == 0, result.output
+    shown = result.output.splitlines()
+    assert "  method: dpo" in shown
+    preference = next(line for line in shown if line.startswith("  preference (last logged step): "))
+    assert "rewards/margins 0.8123" in preference and "rewards/accuracies 0.875" in preference
+    assert "logps/chosen -85.31" in preference and "logps/rejected -97.25" in preference
+    assert f"  parent run: done (sft) · {location}/done" in shown
+    assert f"    manifest {location}/done/manifest.json · sha256 {parent['manifest_sha256']}" in shown
+
+    as_json = json.loads(CliRunner().invoke(main, ["runs", "show", f"{location}/dpo-1", "--json"]).output)
+    assert as_json["manifest"]["lineage"]["parent"] == parent
+    assert as_json["manifest"]["training"]["preference"] == PREFERENCE
+
+    # The listing is unchanged by a preference run: one more complete row.
+    listed = {r.run_id: r for r in runs.list_runs(location, S3Settings())}
+    assert listed["dpo-1"].status == "complete" and listed["dpo-1"].train_loss == 0.41
+
+
+def test_show_of_a_run_without_method_or_lineage_adds_nothing(tmp_path):
+    location = str(tmp_path / "runs")
+    write_runs(location, tmp_path)
+    output = CliRunner().invoke(main, ["runs", "show", location, "done"]).output
+    assert "run done: complete" in output and "training: hf 16bit" in output
+    assert "method:" not in output and "preference" not in output and "parent run" not in output
