@@ -298,6 +298,28 @@ def _nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
 
+def parse_turns(turns: Any, column: str, *, sharegpt: bool, where: str = "") -> list[dict[str, str]]:
+    """A column of chat turns (role/content, or ShareGPT's from/value) → messages, or ValueError with the reason the
+    row is dropped; `where` ends each reason (" in 'chosen'")."""
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"missing or empty '{column}'")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise ValueError(f"a turn in '{column}' is not an object")
+        if sharegpt and "from" in turn:
+            role, content = SHAREGPT_ROLES.get(str(turn.get("from")).lower()), turn.get("value")
+        else:
+            role, content = turn.get("role"), turn.get("content")
+            role = role if role in CHAT_ROLES else None
+        if role is None:
+            raise ValueError(f"unknown role {turn.get('from', turn.get('role'))!r}{where}")
+        if not isinstance(content, str):
+            raise ValueError(f"a {role} turn has no text content{where}")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
 def normalize_row(row: Any, fmt: str, alpaca_template: bool) -> Example:
     """One row → Example, or ValueError with the reason it is dropped."""
     if isinstance(row, _Malformed):
@@ -306,23 +328,7 @@ def normalize_row(row: Any, fmt: str, alpaca_template: bool) -> Example:
         raise ValueError("not an object")
     if fmt in ("messages", "sharegpt"):
         column = "messages" if fmt == "messages" else "conversations"
-        turns = row.get(column)
-        if not isinstance(turns, list) or not turns:
-            raise ValueError(f"missing or empty '{column}'")
-        messages = []
-        for turn in turns:
-            if not isinstance(turn, dict):
-                raise ValueError(f"a turn in '{column}' is not an object")
-            if fmt == "sharegpt" and "from" in turn:
-                role, content = SHAREGPT_ROLES.get(str(turn.get("from")).lower()), turn.get("value")
-            else:
-                role, content = turn.get("role"), turn.get("content")
-                role = role if role in CHAT_ROLES else None
-            if role is None:
-                raise ValueError(f"unknown role {turn.get('from', turn.get('role'))!r}")
-            if not isinstance(content, str):
-                raise ValueError(f"a {role} turn has no text content")
-            messages.append({"role": role, "content": content})
+        messages = parse_turns(row.get(column), column, sharegpt=fmt == "sharegpt")
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             raise ValueError("no assistant turn with text")
         return Example(messages=messages)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from job import log
-from job.data import CHAT_ROLES, SHAREGPT_ROLES, Normalized, _Malformed, _nonempty_str, choose_template, read_rows
+from job.data import Normalized, _Malformed, _nonempty_str, choose_template, parse_turns, read_rows
 from job.errors import DataError
 from job.spec import DataSection, TrainingSection
 from job.storage import S3Settings
@@ -50,23 +50,7 @@ def detect_format(rows: list[Any]) -> str | None:
 
 
 def _messages(value: Any, column: str) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"missing or empty '{column}'")
-    messages = []
-    for turn in value:
-        if not isinstance(turn, dict):
-            raise ValueError(f"a turn in '{column}' is not an object")
-        if "from" in turn:
-            role, content = SHAREGPT_ROLES.get(str(turn.get("from")).lower()), turn.get("value")
-        else:
-            role, content = turn.get("role"), turn.get("content")
-            role = role if role in CHAT_ROLES else None
-        if role is None:
-            raise ValueError(f"unknown role {turn.get('from', turn.get('role'))!r} in '{column}'")
-        if not isinstance(content, str):
-            raise ValueError(f"a {role} turn in '{column}' has no text content")
-        messages.append({"role": role, "content": content})
-    return messages
+    return parse_turns(value, column, sharegpt=True, where=f" in '{column}'")
 
 
 def _prompt(value: Any) -> list[dict[str, Any]]:
