@@ -566,5 +566,9 @@ def check_sendable(base: dict[str, Any] | None, origin: str, experiments: list[l
         if not str(output).startswith("s3://"):
             raise SpecError(f"run.output {output!r} is a local path: on a remote machine the artifacts would vanish "
                             f"with it [from {where}]", hint="set run.output to s3://bucket/prefix")
+        if spec is not None and spec.model.adapter and not spec.model.adapter.startswith("s3://"):
+            raise SpecError(f"model.adapter {spec.model.adapter!r} is a local path, which the remote machine does not "
+                            "have", where=origin, hint="chain from the parent run's folder in object storage: "
+                            "s3://bucket/prefix/RUN_ID/")
         resolved.append(spec)
     return resolved

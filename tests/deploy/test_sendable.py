@@ -53,10 +53,11 @@ def test_a_token_is_refused_and_never_printed(args):
     ([*SKYPILOT, "--set", "lora.r=sixteen"], "lora.r"),
     (["k8s", "render", SPEC, "--set", "run.output=runs"], "run.output 'runs' is a local path"),
     ([*SKYPILOT, "--set", "run.output=runs"], "run.output 'runs' is a local path"),
+    (["k8s", "render", SPEC, "--set", "model.adapter=runs/sft-run"], "model.adapter 'runs/sft-run' is a local path"),
     (["launch", "runpod", SPEC_URI, "--image", "i", "--gpu", "NVIDIA H100 80GB HBM3", "--set", "training.learning_rate=-1"],
      "training.learning_rate"),
 ], ids=["render-sweep-local", "render-sweep-remote", "render-typo-local", "render-typo-remote", "skypilot",
-        "render-local-output", "skypilot-local-output", "runpod"])
+        "render-local-output", "skypilot-local-output", "render-local-adapter", "runpod"])
 def test_a_bad_override_is_refused_with_its_field_before_anything_is_sent(args, named):
     output = refused(*args)
     assert named in output
