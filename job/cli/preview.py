@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from job import errors, model
+from job import model
 from job import preview as previews
 from job.cli.common import exits, fail, paths_from_env, resolve_spec, set_option, setup_log, spec_option
 from job.storage import S3Settings
@@ -23,7 +23,9 @@ def preview(spec_arg: str | None, sets: tuple[str, ...], rows: int, color: bool 
 
     Reads, templates and tokenizes the data exactly as `job run` does (the model's tokenizer is fetched), then
     prints the first rows with trained tokens in green or [[between double brackets]], dropped rows with their
-    reasons and a histogram of sequence lengths against training.max_seq_length. Exit 2 when no row would train.
+    reasons and a histogram of sequence lengths against training.max_seq_length. For training.method dpo, orpo or
+    kto each row is its prompt and its answers (chosen and rejected, or kto's labelled completion), with what
+    max_seq_length cuts off dimmed or ⟨cut⟩marked⟨/cut⟩. Exit 2 when no row would train.
     """
     environ = dict(os.environ)
     setup_log(environ)
@@ -34,7 +36,9 @@ def preview(spec_arg: str | None, sets: tuple[str, ...], rows: int, color: bool 
         s3 = S3Settings(spec.run.endpoint_url, spec.run.region)
         fetched = model.fetch(spec.model, paths.cache_dir, s3)
         tokenizer = model.load_tokenizer(fetched.path, spec.model.trust_remote_code)
-        shown = previews.gather(spec.data, tokenizer, spec.training.max_seq_length, paths.work_dir / spec.run_id, s3)
+        shown = previews.gather(spec.data, tokenizer, spec.training.max_seq_length, paths.work_dir / spec.run_id, s3,
+                                method=spec.training.method)
     click.echo(previews.render(shown, tokenizer, rows, color), color=color)
-    if not shown.used:
-        fail(errors.DataError("data: every row lost all its trained tokens", hint="raise training.max_seq_length"))
+    refused = previews.refusal(shown)
+    if refused:
+        fail(refused)
