@@ -105,6 +105,49 @@ OVERLAP_NORM = 5.35  # step time = (host^p + gpu^p)^(1/p): the two overlap, impe
 PACKED_BYTES_PER_TOKEN_LAYER_HIDDEN = 1636
 
 
+# --- training methods (training.method) ------------------------------------------------------------------------
+
+
+Method = Literal["sft", "dpo", "orpo", "kto"]
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """What one row of a training method runs in a step: sequences through forward and backward, sequences run
+    forward without gradient (no activations kept), and whether a frozen copy of the adapter, the reference, runs
+    forward over all of them."""
+
+    trained: int
+    untrained: int
+    reference: bool
+
+    @property
+    def per_row(self) -> int:
+        return self.trained + self.untrained
+
+    @property
+    def forward_only(self) -> int:
+        """Sequence forwards a row without gradient: the untrained ones and the reference's."""
+        return self.untrained + (self.per_row if self.reference else 0)
+
+
+# dpo, orpo: chosen and rejected, concatenated into one batch. kto: the completion, plus a mismatched completion for
+# the KL term. dpo and kto run the reference every step (job.train turns trl's precompute_ref_log_probs off).
+METHOD_SEQUENCES = {"sft": Sequences(1, 0, False), "dpo": Sequences(2, 0, True), "orpo": Sequences(2, 0, False),
+                    "kto": Sequences(1, 1, True)}
+
+
+# A forward without gradient, as a fraction of a training step over the same sequences (a backward costs about two
+# forwards). Not measured.
+FORWARD_ONLY_FRACTION = 1 / 3
+
+
+# unsloth's fused loss never materializes the logits, but trl's preference trainers take log-probabilities from
+# them: bf16 logits and their gradient per trained token and vocabulary entry. A floor from the tensors' sizes (trl's
+# fp32 log-softmax copies may add more), not measured. The hf fit already counts logits per token.
+UNSLOTH_PREFERENCE_LOGIT_BYTES = 4
+
+
 REFERENCE_GPU = "h100-sxm"  # the card the constants were fitted on
 
 
@@ -357,10 +400,11 @@ class Memory:
     activations: float
     allocator: float
     cuda_context: float
+    logits: float = 0.0  # a preference method's full logits on unsloth (UNSLOTH_PREFERENCE_LOGIT_BYTES)
 
     @property
     def peak_allocated(self) -> float:
-        return self.base_weights + self.lora_weights + self.gradients_and_optimizer + self.activations
+        return self.base_weights + self.lora_weights + self.gradients_and_optimizer + self.activations + self.logits
 
     @property
     def total(self) -> float:
@@ -383,15 +427,18 @@ def estimate_memory(
     checkpointing: bool,
     backend: Backend = "unsloth",
     optim: str = "adamw_8bit",
+    method: Method = "sft",
 ) -> Memory:
-    """Peak GPU memory of LoRA training at one micro-batch of `batch_size` rows padded to `seq_len` tokens."""
-    tokens = batch_size * seq_len
+    """Peak GPU memory of LoRA training at one micro-batch of `batch_size` rows padded to `seq_len` tokens; `method`:
+    training.method, whose rows may be several sequences (METHOD_SEQUENCES)."""
+    sequences = METHOD_SEQUENCES[method]
+    tokens = batch_size * seq_len * sequences.trained
     # transformers' kbit preparation upcasts every non-quantized parameter to fp32; unsloth keeps them in bf16.
     embed_bytes = 4 if backend == "hf" and precision == "4bit" else 2
     base = (arch.linear_params() * BYTES_PER_WEIGHT[precision]
             + (arch.embedding_params + arch.head_params) * embed_bytes) / GIB + BUFFERS_GIB
     lora = arch.lora_params(lora_r, target_modules)
-    lora_gib = lora * LORA_WEIGHT_BYTES / GIB
+    lora_gib = lora * LORA_WEIGHT_BYTES / GIB * (2 if sequences.reference else 1)  # the reference: a frozen copy
     states_gib = lora * (LORA_WEIGHT_BYTES + OPTIMIZER_BYTES.get(optim, 8)) / GIB
     if backend == "hf":
         per_token = HF_LOGIT_BYTES * arch.vocab_size
@@ -404,9 +451,12 @@ def estimate_memory(
         layers = UNSLOTH_CHECKPOINTED_LAYERS if checkpointing else UNSLOTH_FULL_LAYERS * arch.num_layers
         per_token = layers * arch.layer_bytes
     activations = tokens * per_token / GIB + WORKSPACE_GIB
-    peak = base + lora_gib + states_gib + activations
+    logits = 0.0
+    if method != "sft" and backend == "unsloth":
+        logits = tokens * UNSLOTH_PREFERENCE_LOGIT_BYTES * arch.vocab_size / GIB
+    peak = base + lora_gib + states_gib + activations + logits
     return Memory(base_weights=base, lora_weights=lora_gib, gradients_and_optimizer=states_gib, activations=activations,
-                  allocator=ALLOCATOR_OVERHEAD * peak, cuda_context=CUDA_CONTEXT_GIB)
+                  allocator=ALLOCATOR_OVERHEAD * peak, cuda_context=CUDA_CONTEXT_GIB, logits=logits)
 
 
 # GGUF bytes per weight from ggml's block layouts (bytes per block / weights per block). The _M and _L mixes keep
@@ -481,6 +531,7 @@ class Speed:
     gpu_seconds: float  # the GPU's own work per step
     host_seconds: float  # the launch-bound floor per step
     bound: Literal["gpu", "host"]
+    rows_per_second: float  # rows of the data (a preference pair is one row)
 
 
 def estimate_throughput(
@@ -495,10 +546,13 @@ def estimate_throughput(
     checkpointing: bool,
     backend: Backend = "unsloth",
     packed: bool = False,
+    method: Method = "sft",
 ) -> Speed:
-    """Training tokens per second (rows x padded length per step / step time) on `gpu`; `packed`: sequences of
-    several documents (training.packing), which unsloth trains on a slower path."""
-    tokens = batch_size * seq_len
+    """Training tokens per second (trained sequences x padded length per step / step time) on `gpu`; `packed`:
+    sequences of several documents (training.packing), which unsloth trains on a slower path; `method`:
+    training.method, whose rows may be several sequences, some run forward only (METHOD_SEQUENCES)."""
+    sequences = METHOD_SEQUENCES[method]
+    tokens = batch_size * seq_len * sequences.trained
     passes = 3 if checkpointing else 2  # forward, input-gradient backward (the base is frozen), recompute
     linear_flops = 2 * arch.linear_params(active=True) * passes
     if precision == "fp8" and gpu.supports_fp8:
@@ -522,8 +576,12 @@ def estimate_throughput(
     if packed and backend == "unsloth":
         step += (tokens * arch.num_layers * arch.hidden_size * PACKED_BYTES_PER_TOKEN_LAYER_HIDDEN
                  / (gpu.bandwidth_gbs * 1e9))
+    bound = "gpu" if gpu_seconds >= host else "host"
+    # Forward-only sequences (kto's KL completions, the reference pass) stretch the step by a fraction each.
+    stretch = 1 + FORWARD_ONLY_FRACTION * sequences.forward_only / sequences.trained
+    step, gpu_seconds, host = step * stretch, gpu_seconds * stretch, host * stretch
     return Speed(tokens_per_second=tokens / step, step_seconds=step, gpu_seconds=gpu_seconds, host_seconds=host,
-                 bound="gpu" if gpu_seconds >= host else "host")
+                 bound=bound, rows_per_second=batch_size / step)
 
 
 @dataclass(frozen=True)
@@ -569,6 +627,7 @@ def choose(
     headroom: float = 0.10,
     max_batch_size: int | None = None,
     packed: bool = False,
+    method: Method = "sft",
 ) -> Choice:
     """The fastest configuration predicted to fit in `gpu.memory_gib` with `headroom` (a fraction of the card)
     left free. Fixed (non-auto) arguments are kept as given. When nothing fits, the smallest configuration is
@@ -581,7 +640,8 @@ def choose(
     if precision == "fp8" and not gpu.supports_fp8:
         memory = estimate_memory(arch, precision="16bit", lora_r=lora_r, target_modules=target_modules,
                                  batch_size=batch_size if batch_size != "auto" else 1, seq_len=seq_len,
-                                 checkpointing=gradient_checkpointing is not False, backend=backend, optim=optim)
+                                 checkpointing=gradient_checkpointing is not False, backend=backend, optim=optim,
+                                 method=method)
         cc = ".".join(map(str, gpu.compute_capability))
         return Choice(batch_size if batch_size != "auto" else 1, gradient_checkpointing is not False, "fp8", False,
                       memory, 0.0, f"fp8 needs compute capability >= 9.0 (Hopper); {gpu.name} has {cc}",
@@ -598,7 +658,7 @@ def choose(
                 continue  # see the note at FP8_MIN_CAPABILITY
             for b in batches:
                 common = dict(precision=p, lora_r=lora_r, target_modules=target_modules, batch_size=b, seq_len=seq_len,
-                              checkpointing=ckpt, backend=backend)
+                              checkpointing=ckpt, backend=backend, method=method)
                 memory = estimate_memory(arch, optim=optim, **common)
                 speed = estimate_throughput(arch, gpu, packed=packed, **common)
                 candidates.append((memory, speed, b, ckpt, p))
@@ -655,4 +715,4 @@ def choose_for_spec(spec, arch: Arch, card: Gpu, *, longest: int | None = None, 
                                      precision=spec.model.precision)
     return choose(arch, card, lora_r=spec.lora.r, target_modules=tuple(spec.lora.target_modules), seq_len=seq_len,
                   backend=spec_backend(spec), optim=training.optim, headroom=headroom, max_batch_size=rows,
-                  packed=training.packing, **fixed)
+                  packed=training.packing, method=training.method, **fixed)

@@ -13,6 +13,7 @@ from job import errors
 from job.errors import NotFoundError, network_reason
 from job.export import base_gguf_refusal
 from job.plan.estimate import Arch, Disk, arch_from_config, arch_from_table, estimate_disk, normalize_model_id
+from job.spec import PREFERENCE_METHODS
 
 @dataclass(frozen=True)
 class ResolvedArch:
@@ -179,6 +180,8 @@ def count_tokens(spec, *, work_dir, s3=None, tokenizer=None, hub_reachable: bool
         rows, _ = datas.read_rows(spec.data, Path(work_dir), s3)
         template = datas.choose_template(tokenizer, spec.data.chat_template) if tokenizer is not None else (
             spec.data.chat_template if spec.data.chat_template not in ("auto", "model") else "chatml")
+        if spec.training.method in PREFERENCE_METHODS:
+            return _preference_tokens(spec, rows, tokenizer)
         normalized = datas.normalize(rows, spec.data, template)
         limit = spec.training.max_seq_length
         if tokenizer is not None:
@@ -189,6 +192,34 @@ def count_tokens(spec, *, work_dir, s3=None, tokenizer=None, hub_reachable: bool
         return DataTokens(None, None, (), f"not counted: {exc}")
     lengths = tuple(min(limit, _estimated_tokens(example)) for _, example in normalized.examples)
     return DataTokens(len(lengths), sum(lengths), lengths, "estimated from bytes (4 bytes a token; no tokenizer at hand)")
+
+
+def _preference_tokens(spec, rows, tokenizer) -> DataTokens:
+    """Rows as job.preference prepares them (a pair, or one kto completion) and the tokens of all their sequences. A
+    row's length is its longest sequence: trl pads a pair's sequences to one length."""
+    from job import preference
+
+    method, limit = spec.training.method, spec.training.max_seq_length
+    normalized = preference.normalize(rows, spec.data, method)
+    lengths, tokens = [], 0
+    if tokenizer is not None:
+        for _, row in preference.tokenize_rows(tokenizer, normalized, limit, method):
+            if row.prompt_fills:
+                continue  # the run drops it
+            kept = [len(row.prompt_ids) + len(row.kept(name)) for name in row.answers]
+            lengths.append(max(kept))
+            tokens += sum(kept)
+        return DataTokens(len(lengths), tokens, tuple(lengths), "counted with the model's tokenizer")
+    per_message = 6  # as _estimated_tokens
+    for _, answers in normalized.examples:
+        for one in preference.unpaired(answers) if method == "kto" else [answers]:
+            prompt = sum(len(m["content"].encode()) for m in one.prompt)
+            texts = [one.completion] if one.completion is not None else [one.chosen, one.rejected]
+            kept = [min(limit, math.ceil((prompt + len(text.encode())) / 4) + per_message * (len(one.prompt) + 1))
+                    for text in texts]
+            lengths.append(max(kept))
+            tokens += sum(kept)
+    return DataTokens(len(lengths), tokens, tuple(lengths), "estimated from bytes (4 bytes a token; no tokenizer at hand)")
 
 
 def _estimated_tokens(example) -> int:

@@ -11,8 +11,9 @@ from typing import Any
 import yaml
 
 from job.errors import SpecError
-from job.plan.estimate import (Arch, Choice, Gpu, choose_for_spec, estimate_throughput,
-                               expected_batch_length, gpu, gpus, micro_batches, shipped_table, spec_backend)
+from job.plan.estimate import (FORWARD_ONLY_FRACTION, METHOD_SEQUENCES, UNSLOTH_PREFERENCE_LOGIT_BYTES, Arch, Choice,
+                               Gpu, choose_for_spec, estimate_throughput, expected_batch_length, gpu, gpus,
+                               micro_batches, shipped_table, spec_backend)
 from job.plan.inputs import DataTokens, disk_for_spec
 
 
@@ -89,7 +90,7 @@ def plan_kind(spec, arch: Arch, tokens: DataTokens, card: Gpu, prices: dict[str,
         speed = estimate_throughput(arch, card, precision=choice.precision, lora_r=spec.lora.r,
                                     target_modules=tuple(spec.lora.target_modules), batch_size=choice.batch_size,
                                     seq_len=max(1, round(padded)), checkpointing=choice.gradient_checkpointing, backend=backend,
-                                    packed=training.packing)
+                                    packed=training.packing, method=training.method)
         seconds = count * speed.step_seconds
     rate = price_per_hour(prices, card.kind)
     usd = seconds / 3600 * rate if seconds is not None and rate is not None else None
@@ -108,9 +109,36 @@ def recommend(plans: list[KindPlan]) -> KindPlan | None:
                                        -p.choice.tokens_per_second))
 
 
+# What one row of each method runs a step, as the report says it.
+METHOD_ROWS = {
+    "sft": "1 sequence a row",
+    "dpo": "2 sequences a row (chosen and rejected) forward and backward, and the reference forward over both",
+    "orpo": "2 sequences a row (chosen and rejected) forward and backward; no reference pass",
+    "kto": "1 sequence a row forward and backward, a mismatched completion forward for the KL term, and the "
+           "reference forward over both",
+}
+
+
+def method_summary(method: str) -> dict[str, Any]:
+    """How the estimate counts training.method: sequences a row, those trained, whether a reference runs."""
+    sequences = METHOD_SEQUENCES[method]
+    return {"name": method, "sequences_per_row": sequences.per_row, "trained_sequences_per_row": sequences.trained,
+            "reference_pass": sequences.reference, "description": METHOD_ROWS[method]}
+
+
 def notes(spec, arch: Arch) -> list[str]:
     """What the estimate does not model for this spec."""
     out = []
+    method = spec.training.method
+    if method != "sft":
+        trained = METHOD_SEQUENCES[method].trained
+        how = [f"{trained} sequence{'s' if trained > 1 else ''} a row through forward and backward"]
+        if METHOD_SEQUENCES[method].forward_only:
+            how.append(f"a forward without gradient at {FORWARD_ONLY_FRACTION:.2f} of a training step")
+        if spec_backend(spec) == "unsloth":
+            how.append(f"trl's full logits at {UNSLOTH_PREFERENCE_LOGIT_BYTES} bytes a token and vocabulary entry")
+        out.append(f"training.method {method}: modelled from sft's measurements ({'; '.join(how)}), never measured "
+                   "itself; tok/s counts the trained sequences' tokens")
     if spec_backend(spec) == "unsloth" and (spec.lora.dropout > 0 or spec.lora.bias != "none"):
         out.append("lora.dropout > 0 or lora.bias != none turns off unsloth's fused LoRA kernels: expect lower "
                    "tokens/s than predicted (not measured)")
@@ -136,6 +164,7 @@ def as_dict(spec, resolved, tokens: DataTokens, results: list[KindPlan], best: K
                   "parameters": resolved.arch.total_params},
         "data": {"rows": tokens.rows, "tokens": tokens.tokens, "longest": tokens.longest, "method": tokens.method},
         "backend": spec_backend(spec),
+        "method": method_summary(spec.training.method),
         "disk_gib": disk_for_spec(spec, resolved.arch).as_dict(),
         "headroom": headroom,
         "prices": {"file": prices_file, "date": prices.get("date")},
@@ -173,6 +202,8 @@ def render(report: dict, results, best) -> str:
         f"data     {data['rows'] if data['rows'] is not None else '?'} rows, {data['tokens'] if data['tokens'] is not None else '?'} tokens, "
         f"longest {data['longest'] if data['longest'] is not None else '?'} ({data['method']})",
         _disk_line(report["disk_gib"]),
+        *([f"method   {report['method']['name']}: {report['method']['description']}"]
+          if report["method"]["name"] != "sft" else []),
         f"backend  {report['backend']}; {report['headroom']:.0%} of each card kept free; prices {report['prices']['file']} "
         f"({report['prices']['date'] or 'undated'})",
         "",

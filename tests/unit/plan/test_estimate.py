@@ -209,3 +209,74 @@ def test_gpu_names_as_users_runpod_skypilot_and_lambda_write_them(name, kind):
 def test_an_unknown_gpu_name_gets_a_did_you_mean_and_the_known_kinds():
     with pytest.raises(SpecError, match=r"unknown GPU 'h10'.*did you mean h100-sxm\?.*known kinds: h100-sxm"):
         estimate.gpu("h10")
+
+
+def _both(method, *, backend="unsloth", batch=4, shape="llama-3.1-8b", card="h100-sxm"):
+    arch = estimate.arch_from_table(shape)
+    kwargs = dict(precision="4bit", lora_r=16, target_modules=ALL_SEVEN, batch_size=batch, seq_len=2048,
+                  checkpointing=True, backend=backend, method=method)
+    return estimate.estimate_memory(arch, **kwargs), estimate.estimate_throughput(arch, estimate.gpu(card), **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["unsloth", "hf"])
+def test_a_dpo_row_is_two_sequences_and_a_reference_pass(backend):
+    sft_memory, sft_speed = _both("sft", backend=backend)
+    dpo_memory, dpo_speed = _both("dpo", backend=backend)
+    # chosen and rejected: the saved activations of twice the sequences, as sft at twice the batch
+    assert dpo_memory.activations == pytest.approx(2 * sft_memory.activations, rel=0.05)
+    assert dpo_memory.activations == _both("sft", backend=backend, batch=8)[0].activations
+    assert dpo_memory.total > sft_memory.total
+    # twice the tokens a step, and a reference forward on top: fewer rows a second, fewer than half here (GPU-bound)
+    assert dpo_speed.rows_per_second < 0.5 * sft_speed.rows_per_second
+    assert dpo_speed.step_seconds > _both("sft", backend=backend, batch=8)[1].step_seconds
+
+
+def test_unsloth_preference_runs_count_the_logits_that_its_sft_loss_never_makes():
+    sft_memory, _ = _both("sft")
+    dpo_memory, _ = _both("dpo")
+    assert sft_memory.logits == 0 and _both("dpo", backend="hf")[0].logits == 0  # hf's fit counts them per token
+    assert dpo_memory.logits > 0 and dpo_memory.total > _both("sft", batch=8)[0].total
+
+
+def test_orpo_has_no_reference_pass_and_kto_trains_one_sequence_a_row():
+    dpo_memory, dpo_speed = _both("dpo")
+    orpo_memory, orpo_speed = _both("orpo")
+    sft_memory, sft_speed = _both("sft")
+    kto_memory, kto_speed = _both("kto")
+    assert orpo_speed.rows_per_second > dpo_speed.rows_per_second
+    assert orpo_speed.tokens_per_second > dpo_speed.tokens_per_second
+    assert orpo_memory.activations == dpo_memory.activations  # the same pairs; the reference keeps no activations
+    assert orpo_memory.lora_weights < dpo_memory.lora_weights  # and there is no frozen copy of the adapter
+    # kto: one sequence with gradient (sft's activations), but its KL completion and the reference run forward too
+    assert kto_memory.activations == sft_memory.activations
+    assert kto_speed.rows_per_second < sft_speed.rows_per_second
+    assert kto_speed.rows_per_second < orpo_speed.rows_per_second * 2 and kto_speed.tokens_per_second < sft_speed.tokens_per_second
+
+
+def _preference_spec(method: str, precision: str = "auto", **training) -> Spec:
+    data = {"source": "d.jsonl"} if method == "sft" else {"source": "d.jsonl", "format": "preference"}
+    return Spec.model_validate({"model": {"name": "unsloth/Llama-3.1-8B-Instruct", "precision": precision}, "data": data,
+                                "training": {"method": method, "batch_size": "auto", "max_seq_length": 2048, **training}})
+
+
+@pytest.mark.parametrize("shape", ["llama-3.2-1b", "llama-3.1-8b"])
+@pytest.mark.parametrize("card", ["h100-sxm", "a100-40gb", "l4"])
+@pytest.mark.parametrize("method", ["dpo", "orpo", "kto"])
+def test_auto_batch_of_a_preference_spec_is_no_larger_than_sfts(shape, card, method):
+    """With checkpointing and precision as the spec sets them (auto may switch either, and with it the batch)."""
+    arch, gpu = estimate.arch_from_table(shape), estimate.gpu(card)
+    for precision in ("4bit", "16bit"):
+        sft = estimate.choose_for_spec(_preference_spec("sft", precision), arch, gpu)
+        pairs = estimate.choose_for_spec(_preference_spec(method, precision), arch, gpu)
+        assert sft.fits
+        if pairs.fits:
+            assert pairs.batch_size <= sft.batch_size and pairs.memory.total <= gpu.memory_gib * 0.9
+        else:  # a pair can need more than the card has where one sequence fits (8B 16-bit on the L4)
+            assert pairs.batch_size == 1 and pairs.memory.total > sft.memory.total
+
+
+def test_a_dpo_spec_on_the_h100_gets_half_sfts_batch():
+    arch, h100 = estimate.arch_from_table("llama-3.1-8b"), estimate.gpu("h100-sxm")
+    sft = estimate.choose_for_spec(_preference_spec("sft", gradient_checkpointing=False), arch, h100)
+    dpo = estimate.choose_for_spec(_preference_spec("dpo", gradient_checkpointing=False), arch, h100)
+    assert (sft.batch_size, dpo.batch_size) == (4, 2) and sft.precision == dpo.precision == "fp8"

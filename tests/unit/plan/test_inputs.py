@@ -61,3 +61,27 @@ def test_a_gguf_tokenizer_counts_what_the_run_counts(smoke_tokenizer, tmp_path):
     assert counted.method == "counted with the model's tokenizer"
     # ...equals what the run's materialized checkpoint tokenizer counts (EOS and byte-level pieces included)
     assert counted.lengths == inputs.count_tokens(spec, work_dir=tmp_path, tokenizer=smoke_tokenizer).lengths
+
+
+def test_preference_rows_are_counted_as_the_run_prepares_them(smoke_model_dir, smoke_tokenizer, tmp_path):
+    import json
+
+    rows = [{"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "A colour is " + "a word " * 60},
+            {"prompt": "Say hi.", "chosen": "Hi there, friend!", "rejected": "No."},
+            {"prompt": "Count to three.", "chosen": "One, two, three.", "rejected": "One, two."}]
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def spec(method):
+        return Spec.model_validate({"model": {"name": str(smoke_model_dir)}, "data": {"source": str(source)},
+                                    "training": {"method": method, "max_seq_length": 512}})
+
+    estimated = inputs.count_tokens(spec("dpo"), work_dir=tmp_path)
+    counted = inputs.count_tokens(spec("dpo"), work_dir=tmp_path, tokenizer=smoke_tokenizer)
+    for tokens in (estimated, counted):
+        assert tokens.rows == 3  # a pair is one row
+        assert tokens.longest == tokens.lengths[0] > 60  # the first row's length is its long rejected answer's
+        assert sum(tokens.lengths) < tokens.tokens < 2 * sum(tokens.lengths)  # tokens: both answers of every pair
+    assert counted.method.startswith("counted") and estimated.method.startswith("estimated")
+    assert estimated.tokens == pytest.approx(counted.tokens, rel=0.5)
+    assert inputs.count_tokens(spec("kto"), work_dir=tmp_path).rows == 6  # kto trains on each answer alone
