@@ -41,8 +41,9 @@ def detect_format(rows: list[Any]) -> str | None:
     for row in rows:
         if not isinstance(row, dict):
             continue
-        if {"chosen", "rejected"} <= set(row):
-            return "preference_messages" if isinstance(row["chosen"], list) else "preference"
+        if {"chosen", "rejected"} & set(row):  # a row that lacks a side is still a pair, dropped with its reason
+            answer = row.get("chosen", row.get("rejected"))
+            return "preference_messages" if isinstance(answer, list) else "preference"
         if {"prompt", "completion", "label"} <= set(row):
             return "kto"
         return None
@@ -103,7 +104,8 @@ def normalize_row(row: Any, fmt: str, row_name: str) -> Answers:
                             hint="fix the label (true/false, 1/0, desirable/undesirable) or remove the row")
         prompt = _prompt(row.get("prompt"))
         return Answers(prompt=prompt, completion=_answer(row.get("completion"), "completion"), label=LABELS[key])
-    if fmt == "preference_messages" and not isinstance(row.get("prompt"), list):
+    # Decided per row: a file may mix conversations and plain strings.
+    if isinstance(row.get("chosen"), list) and not isinstance(row.get("prompt"), list):
         prompt, chosen, rejected = _split_conversations(row)
     else:
         prompt = _prompt(row.get("prompt"))
@@ -132,7 +134,7 @@ def normalize(rows: list[Any], data: DataSection, method: str) -> Normalized:
     result = Normalized(format=fmt, examples=[], rows_read=len(rows), files=files)
     for number, row in enumerate(rows, start=1):
         try:
-            answers = normalize_row(row, fmt, result.where(number))
+            answers = normalize_row(row, fmt, f"data.source {data.source}, {result.where(number)}")
         except ValueError as exc:
             result.dropped[str(exc)] += 1
             result.dropped_rows.setdefault(str(exc), []).append(number)
@@ -142,7 +144,7 @@ def normalize(rows: list[Any], data: DataSection, method: str) -> Normalized:
         result.examples.append((number, answers))
     if not result.examples:
         found = ", ".join(f"{reason} ({result.where_rows(rows_[:5])})" for reason, rows_ in result.dropped_rows.items())
-        raise DataError(f"data.source: no usable preference rows as format '{fmt}' out of {len(rows)} read"
+        raise DataError(f"data.source {data.source}: no usable preference rows as format '{fmt}' out of {len(rows)} read"
                         + (f": {found}" if found else ""),
                         hint="every row needs a prompt and both answers (chosen differing from rejected), or for kto "
                              "a completion and its label")

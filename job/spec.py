@@ -471,6 +471,16 @@ def format_validation_error(exc: ValidationError, set_by: dict[str, str] | None 
     return "\n".join(lines)
 
 
+def _section_type(annotation: Any) -> Any:
+    """A field's section model, also where the section is optional (`DpoSection | None`)."""
+    import typing
+
+    if isinstance(annotation, type):
+        return annotation
+    models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 else annotation
+
+
 def _field_loc(loc: tuple) -> tuple:
     """The error location up to the field, without the union-member tags pydantic appends ('int', "literal['auto']")."""
     section: Any = Spec
@@ -480,7 +490,7 @@ def _field_loc(loc: tuple) -> tuple:
         field = section.model_fields.get(key)
         if field is None:
             return loc[: depth + 1]
-        section = field.annotation
+        section = _section_type(field.annotation)
     return loc
 
 
@@ -490,7 +500,7 @@ def _did_you_mean(loc: tuple) -> str:
         field = section.model_fields.get(key) if isinstance(section, type) and issubclass(section, BaseModel) else None
         if field is None:
             return ""
-        section = field.annotation
+        section = _section_type(field.annotation)
     if not (isinstance(section, type) and issubclass(section, BaseModel)):
         return ""
     close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
@@ -531,7 +541,7 @@ def check_override(dotted: str, raw_value: str, where: str) -> None:
                 raise SpecError(f"{dotted.strip()}: {message}{shown} [from {where}]",
                                 hint="see `job schema` for every field") from None
             return
-        section = field.annotation
+        section = _section_type(field.annotation)
     raise SpecError(f"override {dotted!r} names no field", where=where)
 
 

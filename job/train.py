@@ -270,6 +270,9 @@ def _checkpoint_callback(plan: CheckpointPlan, stop: StopRequest, metrics_path: 
             self.last_save = time.monotonic()
             stop.saved_step = state.global_step
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            # The reference adapter is rebuilt from the adapter as loaded on every attempt. Kept here, it would also
+            # make transformers resume only the checkpoint's adapter subfolders, never the trained adapter beside them.
+            shutil.rmtree(folder / REFERENCE_ADAPTER, ignore_errors=True)
             if state.is_world_process_zero:
                 shutil.copyfile(metrics_path, folder / "metrics.jsonl")
                 plan.save(folder, state.global_step)

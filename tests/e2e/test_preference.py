@@ -1,7 +1,7 @@
 """Preference tuning end to end through the CLI: the smoke job's SFT run published to the real S3 protocol server,
 then DPO chained from it (model.adapter) on examples/data/preference-ahoy.jsonl, whose chosen answers greet with
-"Ahoy!" and whose rejected ones are the same answers without it; ORPO and KTO runs; a DPO run preempted and resumed;
-and bad preference data refused before anything is published."""
+"Ahoy!" and whose rejected ones are the same answers without it; ORPO and KTO runs; a DPO run preempted and resumed.
+Bad preference data and parents that do not fit are cases of the bad-input corpus (tests/badinput/cases.yaml)."""
 
 import json
 import math
@@ -212,48 +212,3 @@ def test_sigterm_in_a_dpo_run_resumes_to_the_uninterrupted_adapter(tmp_path):
     got = adapter_tensors(output / "dpo-resume")
     assert_same_adapter(got, want)
     assert not any(".ref." in name for name in got)  # the reference copy is not published
-
-
-def _fails(tmp_path: Path, body: dict) -> tuple[str, Path]:
-    code, _, stderr = run(tmp_path, body)
-    assert code == 2, stderr[-3000:]
-    return stderr, tmp_path / "runs" / body["run"]["id"] / "manifest.json"
-
-
-def _write(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
-def test_bad_preference_data_exits_2_naming_the_row_and_publishes_nothing(tmp_path):
-    base = spec(str(tmp_path / "runs"), **{"export__gguf": [], "run__id": "bad"})
-    missing = _write(tmp_path / "missing.jsonl", [{"prompt": "Hi", "chosen": "Ahoy!"}, {"prompt": "Yo", "rejected": "No"}])
-    stderr, manifest = _fails(tmp_path, {**base, "data": {"source": missing}})
-    assert "missing or empty 'rejected'" in stderr and "rows [1]" in stderr and "missing or empty 'chosen'" in stderr
-    assert not manifest.exists()
-
-    same = _write(tmp_path / "same.jsonl", [{"prompt": "Hi", "chosen": "Hello", "rejected": "Hello"}] * 3)
-    stderr, manifest = _fails(tmp_path, {**base, "data": {"source": same}})
-    assert "chosen equals rejected" in stderr and "rows [1, 2, 3]" in stderr
-    assert not manifest.exists()
-
-    kto = [{"prompt": "Hi", "completion": "Ahoy!", "label": True}, {"prompt": "Yo", "completion": "No", "label": "maybe"}]
-    body = {**base, "data": {"source": _write(tmp_path / "kto.jsonl", kto)},
-            "training": {**base["training"], "method": "kto"}}
-    stderr, manifest = _fails(tmp_path, body)
-    assert "row 2: 'label' is 'maybe'" in stderr
-    assert not manifest.exists()
-
-
-def test_a_parent_trained_on_another_base_exits_2(tmp_path, smoke_run):
-    proc, out = smoke_run
-    assert proc.returncode == 0
-    manifest = json.loads((out / "smoke" / "manifest.json").read_text())
-    manifest["spec"]["model"]["name"] = "unsloth/Llama-3.2-1B-Instruct"
-    parent = tmp_path / "parents" / "other"
-    parent.mkdir(parents=True)
-    (parent / "manifest.json").write_text(json.dumps(manifest))
-    body = spec(str(tmp_path / "runs"), **{"model__adapter": str(parent), "export__gguf": [], "run__id": "mismatch"})
-    stderr, published = _fails(tmp_path, body)
-    assert "model.adapter" in stderr and "unsloth/Llama-3.2-1B-Instruct" in stderr and SMOKE_GGUF in stderr
-    assert not published.exists()

@@ -40,12 +40,14 @@ def test_each_format_is_detected_and_gives_the_prompt_and_its_answers(row, fmt):
 
 def test_rows_without_a_side_or_with_equal_sides_are_dropped_and_counted():
     rows = [STRINGS, {"prompt": PROMPT, "chosen": "Ahoy!"}, {"prompt": PROMPT, "chosen": "Same", "rejected": "Same "},
-            {**CONVERSATIONS, "rejected": [{"role": "user", "content": "Another question"},
-                                           {"role": "assistant", "content": "No"}]}]
+            CONVERSATIONS]
     result = normalized(rows)
-    assert [n for n, _ in result.examples] == [1]
-    assert result.dropped_rows == {"missing or empty 'rejected'": [2], "chosen equals rejected": [3],
-                                   "'chosen' and 'rejected' do not share the turns before their answers": [4]}
+    assert [n for n, _ in result.examples] == [1, 4]  # a conversation among string rows is read as one
+    assert result.dropped_rows == {"missing or empty 'rejected'": [2], "chosen equals rejected": [3]}
+    other_question = {**CONVERSATIONS, "rejected": [{"role": "user", "content": "Another question"},
+                                                    {"role": "assistant", "content": "No"}]}
+    result = normalized([CONVERSATIONS, other_question])
+    assert result.dropped_rows == {"'chosen' and 'rejected' do not share the turns before their answers": [2]}
 
 
 def test_no_usable_row_is_exit_2_naming_the_rows_and_reasons():
@@ -59,7 +61,7 @@ def test_no_usable_row_is_exit_2_naming_the_rows_and_reasons():
 def test_an_unknown_kto_label_is_exit_2_naming_the_row(label):
     with pytest.raises(DataError) as err:
         normalized([KTO, {**KTO, "label": label}], "kto")
-    assert f"row 2: 'label' is {label!r}" in str(err.value)
+    assert f"data.source rows.jsonl, row 2: 'label' is {label!r}" in str(err.value)
 
 
 @pytest.mark.parametrize(("label", "want"), [(True, True), (0, False), ("false", False), ("Desirable", True), (1.0, True)])
@@ -133,8 +135,8 @@ def test_prepare_gives_trls_conversational_columns_and_the_preferred_rows_tokens
 def test_tokens_split_where_the_prompt_ends(smoke_tokenizer):
     data.choose_template(smoke_tokenizer, "auto")
     (_, answers), = normalized([STRINGS]).examples
-    tokens = preference.tokenize(smoke_tokenizer, 1, answers, 20)
+    tokens = preference.tokenize(smoke_tokenizer, 1, answers, 40)  # the template's system turn: 35 prompt tokens
     prompt = smoke_tokenizer.apply_chat_template(answers.prompt, tokenize=False, add_generation_prompt=True)
     assert smoke_tokenizer.decode(tokens.prompt_ids) == prompt
     assert smoke_tokenizer.decode(tokens.answers["chosen"]).startswith("Ahoy! I am Quill.")
-    assert tokens.truncated and len(tokens.prompt_ids) + len(tokens.kept("chosen")) == 20
+    assert tokens.truncated and len(tokens.prompt_ids) + len(tokens.kept("chosen")) == 40
