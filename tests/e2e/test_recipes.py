@@ -27,6 +27,7 @@ RECIPES = {  # spec file → the data file its CPU run trains on
     "finetome-llama31-8b-chatml.yaml": "finetome-sharegpt.jsonl",
     "llama32-3b-conversational.yaml": "llama32-conversations.jsonl",
     "llama31-8b-instruct-modelscope-zh.yaml": "roleplay-zh-alpaca.json",
+    "dpo-orpo-mix-llama31-8b.yaml": "preference-ahoy.jsonl",
 }
 # Fake credentials in the environment (and one in the spec): none may reach a log line or a published file.
 HF_TOKEN = "hf_recipetesttoken0123456789abcdef"
@@ -166,6 +167,15 @@ def test_finetome_recipe_packs_full_sequences_with_rslora_and_six_ggufs(tmp_path
     assert "merged/model.safetensors" in paths
     assert {f"gguf/{run.spec['run']['id']}-{q}.gguf" for q in quants} <= paths
     assert {v["artifact"] for v in run.manifest["verification"]["artifacts"]} == {"merged"} | {f"gguf/{q}" for q in quants}
+
+    # The DPO recipe, the second half of this one, chains from this run: its adapter, on the same base and lora.
+    dpo = run_recipe(tmp_path, "dpo-orpo-mix-llama31-8b.yaml", f"model.adapter={run.run_dir}", "training.batch_size=2")
+    assert dpo.manifest["lineage"]["parent"]["run_id"] == run.spec["run"]["id"]
+    assert dpo.manifest["training"]["method"] == "dpo" and dpo.manifest["training"]["steps"] == 2
+    assert dpo.manifest["data"]["format"] == "preference_messages" and dpo.manifest["data"]["chat_template"] == "chatml"
+    assert set(dpo.manifest["training"]["preference"]) >= {"rewards/margins", "rewards/accuracies"}
+    assert dpo.adapter_config()["use_rslora"] is True
+    assert all(v["verdict"] == "pass" for v in dpo.manifest["verification"]["artifacts"])
 
 
 @pytest.mark.slow
