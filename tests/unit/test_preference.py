@@ -135,8 +135,10 @@ def test_prepare_gives_trls_conversational_columns_and_the_preferred_rows_tokens
 def test_tokens_split_where_the_prompt_ends(smoke_tokenizer):
     data.choose_template(smoke_tokenizer, "auto")
     (_, answers), = normalized([STRINGS]).examples
-    tokens = preference.tokenize(smoke_tokenizer, 1, answers, 40)  # the template's system turn: 35 prompt tokens
+    whole = preference.tokenize(smoke_tokenizer, 1, answers, 2048)
     prompt = smoke_tokenizer.apply_chat_template(answers.prompt, tokenize=False, add_generation_prompt=True)
-    assert smoke_tokenizer.decode(tokens.prompt_ids) == prompt
-    assert smoke_tokenizer.decode(tokens.answers["chosen"]).startswith("Ahoy! I am Quill.")
-    assert tokens.truncated and len(tokens.prompt_ids) + len(tokens.kept("chosen")) == 40
+    assert smoke_tokenizer.decode(whole.prompt_ids) == prompt
+    assert smoke_tokenizer.decode(whole.answers["chosen"]).startswith("Ahoy! I am Quill.")
+    assert not whole.truncated and whole.kept("chosen") == whole.answers["chosen"]
+    cut = preference.tokenize(smoke_tokenizer, 1, answers, len(whole.prompt_ids) + 3)
+    assert cut.truncated and cut.kept("chosen") == whole.answers["chosen"][:3]

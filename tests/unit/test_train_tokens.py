@@ -164,7 +164,9 @@ def test_skipping_the_per_step_module_walks_trains_exactly_as_transformers_own_l
                                warmup_steps=0, max_seq_length=64, max_grad_norm=0.01)
     lean = lean_sft_trainer()
     # job's trainer with transformers' own train() and clipping
-    walking = type("Walking", (lean,), {"train": lean.__mro__[1].train, "_clip_grad_norm": Trainer._clip_grad_norm})
+    from trl import SFTTrainer
+
+    walking = type("Walking", (lean,), {"train": SFTTrainer.train, "_clip_grad_norm": Trainer._clip_grad_norm})
     variants = {"job": TrainerVariant(), "transformers": TrainerVariant(trainer_class=walking)}
     walks = []
 
