@@ -21,6 +21,7 @@ from job.spec import DataSection, TrainingSection
 from job.storage import S3Settings
 
 PAIRED = ("preference", "preference_messages")
+PROMPT_FILLS = "prompt alone fills training.max_seq_length"  # a dropped row's reason: no answer token fits
 LABELS = {True: True, False: False, 1: True, 0: False, "true": True, "false": False, "desirable": True,
           "undesirable": False}
 
@@ -184,6 +185,11 @@ class TokenizedAnswers:
     def prompt_fills(self) -> bool:
         return len(self.prompt_ids) >= self.max_seq_length
 
+    @property
+    def sequence_lengths(self) -> list[int]:
+        """The tokens of each sequence trl trains on: the prompt with each answer, as truncated."""
+        return [len(self.prompt_ids) + len(self.kept(name)) for name in self.answers]
+
     def kept(self, name: str) -> list[int]:
         """The answer's tokens that fit after the prompt."""
         return self.answers[name][: max(self.max_seq_length - len(self.prompt_ids), 0)]
@@ -245,7 +251,7 @@ def prepare(data: DataSection, tokenizer, training: TrainingSection, work_dir: P
             filled.append(tokenized.row)
             continue
         truncated += tokenized.truncated
-        tokens += sum(len(tokenized.prompt_ids) + len(tokenized.kept(name)) for name in tokenized.answers)
+        tokens += sum(tokenized.sequence_lengths)
         columns["prompt"].append(answers.prompt)
         preferred = "completion" if answers.completion is not None else "chosen"
         columns["input_ids"].append(tokenized.prompt_ids + tokenized.kept(preferred))
@@ -256,8 +262,8 @@ def prepare(data: DataSection, tokenizer, training: TrainingSection, work_dir: P
             columns.setdefault("chosen", []).append([{"role": "assistant", "content": answers.chosen}])
             columns.setdefault("rejected", []).append([{"role": "assistant", "content": answers.rejected}])
     if filled:
-        dropped["prompt alone fills training.max_seq_length"] += len(filled)
-        events.warning("data.rows.dropped", reason="prompt alone fills training.max_seq_length", count=len(filled),
+        dropped[PROMPT_FILLS] += len(filled)
+        events.warning("data.rows.dropped", reason=PROMPT_FILLS, count=len(filled),
                        first_rows=filled[:10])
     if not columns["prompt"]:
         raise DataError(f"data: every prompt fills training.max_seq_length={training.max_seq_length}, leaving no room "

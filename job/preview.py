@@ -19,7 +19,6 @@ from job.storage import S3Settings
 
 NO_TRAINED_TOKEN = "no trained token (after truncation)"
 OPEN, CLOSE = "[[", "]]"
-PROMPT_FILLS = "prompt alone fills training.max_seq_length"  # job.preference.prepare's reason, as the manifest has it
 CUT_OPEN, CUT_CLOSE = "⟨cut⟩", "⟨/cut⟩"
 BAR = "█"
 
@@ -81,7 +80,7 @@ class PreferencePreview:
     @property
     def tokens(self) -> int:
         """Counted as job.preference.prepare counts them for the manifest: the prompt once with each answer."""
-        return sum(len(r.prompt_ids) + len(r.kept(name)) for r in self.used for name in r.answers)
+        return sum(sum(r.sequence_lengths) for r in self.used)
 
 
 def _unique(numbers) -> list[int]:
@@ -116,7 +115,7 @@ def _gather_preference(section: DataSection, tokenizer, max_seq_length: int, met
         dropped_rows=dict(normalized.dropped_rows),
     )
     if preview.filled:
-        preview.dropped_rows[PROMPT_FILLS] = preview.filled
+        preview.dropped_rows[preference.PROMPT_FILLS] = preview.filled
     return preview
 
 

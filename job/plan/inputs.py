@@ -206,7 +206,7 @@ def _preference_tokens(spec, rows, tokenizer) -> DataTokens:
         for _, row in preference.tokenize_rows(tokenizer, normalized, limit, method):
             if row.prompt_fills:
                 continue  # the run drops it
-            kept = [len(row.prompt_ids) + len(row.kept(name)) for name in row.answers]
+            kept = row.sequence_lengths
             lengths.append(max(kept))
             tokens += sum(kept)
         return DataTokens(len(lengths), tokens, tuple(lengths), "counted with the model's tokenizer")
